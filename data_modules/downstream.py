@@ -1,0 +1,152 @@
+"""Downstream examples (queries) and the demonstration pool they draw from.
+
+Shards hold one example per sample: an image (``jpg``/``jpeg``/``png``/``webp``) and a ``json`` with
+``id``, ``task``, ``question`` (or ``prompt``) and ``answers`` (or ``captions``, or ``label``). Splits are
+separate shard sets under ``root/<task folder>/{split}-*.tar``; the demo pool is the train split. The
+sets are small (thousands), so they are loaded into memory once; corrupt samples are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+
+from .skips import record_skip, skip_handler
+from .web_corpus import ImageTransform, decode_image, find_shards, missing_shards_error
+
+logger = logging.getLogger(__name__)
+
+# task -> folder under root holding its shards; add a task by adding its folder here.
+TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa"}
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Example:
+    id: str
+    image: torch.Tensor
+    question: str
+    answers: list[str]
+    task: str
+
+
+def _answers(meta: dict) -> list[str] | None:
+    for key in ("answers", "captions"):
+        values = meta.get(key)
+        if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+            return values
+    if "label" in meta and meta["label"] is not None:
+        return [str(meta["label"])]
+    return None
+
+
+def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | None:
+    raw = sample.get("json")
+    if raw is None:
+        record_skip("missing json")
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        record_skip("json does not parse")
+        return None
+    if not isinstance(meta, dict):
+        record_skip("malformed example")
+        return None
+    answers = _answers(meta)
+    if answers is None:
+        record_skip("missing answers")
+        return None
+    data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
+    if data is None:
+        record_skip("missing image")
+        return None
+    try:
+        image = decode_image(data)
+    except Exception:  # PIL raises many types for bad bytes
+        record_skip("image does not decode")
+        return None
+    return Example(
+        id=str(meta.get("id", sample["__key__"])),
+        image=image_transform(image),
+        question=str(meta.get("question", meta.get("prompt", ""))),
+        answers=answers,
+        task=str(meta.get("task", "")),
+    )
+
+
+def _examples(urls: list[str], image_transform: ImageTransform) -> Iterator[Example]:
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_handler("tar")))
+    for sample in samples:
+        example = _decode_example(sample, image_transform)
+        if example is not None:
+            yield example
+
+
+def load_examples(
+    urls: list[str] | str, image_transform: ImageTransform, limit: int | None = None
+) -> list[Example]:
+    """Read examples from shards in order (a brace pattern or a list); at most ``limit`` good ones."""
+    if isinstance(urls, str):
+        urls = list(wds.shardlists.expand_urls(urls))
+    if not urls:
+        return []
+    examples: list[Example] = []
+    for example in _examples(urls, image_transform):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(example)
+    return examples
+
+
+class DownstreamDataModule(L.LightningDataModule):
+    """The demo pool (``pool``, ``pool_by_id``) and the evaluation queries (``queries``) of one task."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        task: str = "toy_vqa",
+        image_transform: ImageTransform,
+        query_split: str = "test",
+        pool_split: str = "train",
+        num_queries: int | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASK_DIRS:
+            raise ValueError(f"unknown downstream task {task!r}; known: {sorted(TASK_DIRS)}")
+        self.root = Path(root)
+        self.task = task
+        self.image_transform = image_transform
+        self.query_split = query_split
+        self.pool_split = pool_split
+        self.num_queries = num_queries
+        self.pool: list[Example] = []
+        self.pool_by_id: dict[str, Example] = {}
+        self.queries: list[Example] = []
+
+    def shards(self, split: str) -> list[str]:
+        """The split's shards; FileNotFoundError (with the command that builds them) if there are none."""
+        folder = TASK_DIRS[self.task]
+        urls = find_shards(self.root, folder, split)
+        if not urls:
+            searched = str(self.root / folder / f"{split}-*.tar")
+            raise missing_shards_error(self.root, searched, f"The {self.task} {split} split")
+        return urls
+
+    def setup(self, stage: str | None = None) -> None:
+        self.pool = load_examples(self.shards(self.pool_split), self.image_transform)
+        self.pool_by_id = {example.id: example for example in self.pool}
+        if len(self.pool_by_id) != len(self.pool):
+            logger.warning(
+                "%s %s split: %d duplicate example ids; pool_by_id keeps the last of each",
+                self.task, self.pool_split, len(self.pool) - len(self.pool_by_id),
+            )  # fmt: skip
+        self.queries = load_examples(self.shards(self.query_split), self.image_transform, self.num_queries)

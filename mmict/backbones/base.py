@@ -1,0 +1,255 @@
+"""The backbone protocol: a frozen MLLM behind one interface.
+
+Every method builds prompts as segments (`mmict.segments`); a backbone adapter turns a batch of
+prompts into `inputs_embeds`, attention mask, position ids and labels (`assemble`), runs the frozen
+model (`forward`) and generates (`generate`). The assembly is family-independent and lives here;
+a family adapter only says how to embed images and tokens and where its parts are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image as PILImage
+from torch import nn
+
+from mmict.segments import Embeds, Image, Prompt, Text
+
+IGNORE_INDEX = -100  # label value the cross-entropy skips (transformers' convention)
+
+
+@dataclass
+class Assembled:
+    """A batch of prompts in the language model's input space.
+
+    `spans[b][i]` is the [start, end) range of segment i of prompt b in the padded sequence, so
+    callers can pick hidden states at a segment's positions (AIM reads demo text positions).
+    """
+
+    inputs_embeds: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L), 1 = real token
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L), IGNORE_INDEX outside target segments; not shifted
+    spans: list[list[tuple[int, int]]]
+
+    @property
+    def context_tokens(self) -> torch.Tensor:
+        """Real (non-padding) positions per prompt: what the frozen model attends over."""
+        return self.attention_mask.sum(dim=1)
+
+
+class ImageTransform:
+    """PIL image -> pixel tensor with the backbone's own image processor.
+
+    A small picklable object (unlike a bound method of the backbone) so DataLoader workers can run it.
+    """
+
+    def __init__(self, image_processor: Any) -> None:
+        self.image_processor = image_processor
+
+    def __call__(self, image: PILImage.Image) -> torch.Tensor:
+        return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+
+class Backbone(nn.Module):
+    """A frozen multimodal LLM. Subclasses implement the family-specific hooks below."""
+
+    family: str = "base"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name_or_path: str) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.name_or_path = name_or_path
+        self.image_transform = ImageTransform(image_processor)
+        self.freeze()
+
+    # ---- family hooks -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def decoder_layer_cls(self) -> type[nn.Module]:
+        """The LM's decoder layer class (FSDP wrapping and activation checkpointing unit)."""
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, image_tokens_per_image, D) in the LM's input space."""
+        raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's final normalisation (applied to a non-final layer's hidden states on request)."""
+        raise NotImplementedError
+
+    # ---- frozen -------------------------------------------------------------------------------
+    def freeze(self) -> None:
+        """Frozen means: no gradients, eval mode (no dropout), never in an optimizer."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        # Lightning calls .train() on the whole LightningModule at fit start; the backbone stays in
+        # eval mode whatever is asked so dropout never turns on in a frozen model.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    # ---- tokenization -------------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.eos_token_id if pad is None else pad
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # ---- assembly -----------------------------------------------------------------------------
+    def assemble(
+        self, prompts: list[Prompt], padding_side: Literal["left", "right"] = "right", add_bos: bool = True
+    ) -> Assembled:
+        """Turn a batch of prompts into padded LM inputs.
+
+        All images of the batch go through the vision tower in one call and all text through the
+        embedding table in one call; then each prompt is concatenated in segment order. Right padding
+        for training, left padding for generation (new tokens then follow the last real token).
+        """
+        device, dtype = self.device, self.dtype
+        bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+
+        texts = [seg.text for p in prompts for seg in p if isinstance(seg, Text)]
+        token_ids = self.tokenize(texts)
+        text_targets = [seg.target for p in prompts for seg in p if isinstance(seg, Text)]
+        token_ids = [ids + [self.eos_token_id] if tgt else ids for ids, tgt in zip(token_ids, text_targets)]
+        pieces_ids = [bos] * len(prompts) + token_ids
+        flat = torch.tensor([i for ids in pieces_ids for i in ids], dtype=torch.long, device=device)
+        flat_embeds = self.embed_tokens(flat) if flat.numel() else flat.new_zeros((0, self.hidden_size))
+        split_embeds = list(torch.split(flat_embeds, [len(ids) for ids in pieces_ids]))
+        bos_embeds, text_embeds = split_embeds[: len(prompts)], iter(split_embeds[len(prompts) :])
+        text_ids = iter(token_ids)
+
+        images = [seg.pixels for p in prompts for seg in p if isinstance(seg, Image)]
+        image_embeds = iter(self._embed_image_list(images))
+
+        rows_embeds: list[torch.Tensor] = []
+        rows_labels: list[torch.Tensor] = []
+        rows_spans: list[list[tuple[int, int]]] = []
+        for b, prompt in enumerate(prompts):
+            parts, labels, spans = [bos_embeds[b]], [torch.full((len(bos),), IGNORE_INDEX)], []
+            cursor = len(bos)
+            for seg in prompt:
+                if isinstance(seg, Text):
+                    emb, ids = next(text_embeds), next(text_ids)
+                    lab = torch.tensor(ids) if seg.target else torch.full((len(ids),), IGNORE_INDEX)
+                elif isinstance(seg, Image):
+                    emb = next(image_embeds)
+                    lab = torch.full((emb.shape[0],), IGNORE_INDEX)
+                elif isinstance(seg, Embeds):
+                    emb = seg.embeds.to(device=device, dtype=dtype)
+                    if emb.dim() != 2 or emb.shape[1] != self.hidden_size:
+                        raise ValueError(
+                            f"Embeds segment has shape {tuple(emb.shape)}; expected (n, {self.hidden_size}) "
+                            f"for backbone {self.name_or_path}"
+                        )
+                    lab = torch.full((emb.shape[0],), IGNORE_INDEX)
+                else:
+                    raise TypeError(f"not a segment: {type(seg).__name__} (use Text, Image or Embeds)")
+                parts.append(emb)
+                labels.append(lab.long())
+                spans.append((cursor, cursor + emb.shape[0]))
+                cursor += emb.shape[0]
+            rows_embeds.append(torch.cat(parts, dim=0))
+            rows_labels.append(torch.cat(labels))
+            rows_spans.append(spans)
+        return self._pad(rows_embeds, rows_labels, rows_spans, padding_side)
+
+    def _embed_image_list(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not images:
+            return []
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images in one batch must share a shape after preprocessing, got {sorted(shapes)}; "
+                "preprocess them with backbone.image_transform"
+            )
+        pixels = torch.stack(images).to(device=self.device, dtype=self.dtype)
+        return list(self.embed_images(pixels))
+
+    def _pad(
+        self,
+        rows_embeds: list[torch.Tensor],
+        rows_labels: list[torch.Tensor],
+        rows_spans: list[list[tuple[int, int]]],
+        padding_side: str,
+    ) -> Assembled:
+        batch, length = len(rows_embeds), max(r.shape[0] for r in rows_embeds)
+        embeds = rows_embeds[0].new_zeros((batch, length, self.hidden_size))
+        mask = torch.zeros((batch, length), dtype=torch.long, device=embeds.device)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+        spans = []
+        for b, (emb, lab, sp) in enumerate(zip(rows_embeds, rows_labels, rows_spans)):
+            n = emb.shape[0]
+            start = length - n if padding_side == "left" else 0
+            embeds[b, start : start + n] = emb
+            mask[b, start : start + n] = 1
+            labels[b, start : start + n] = lab.to(embeds.device)
+            spans.append([(s + start, e + start) for s, e in sp])
+        # Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded.
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return Assembled(embeds, mask, position_ids, labels, spans)
+
+    # ---- running the frozen model -------------------------------------------------------------
+    def forward(self, batch: Assembled, output_hidden_states: bool = False, with_loss: bool = False) -> Any:
+        """Run the frozen model on assembled inputs. With `with_loss`, the output's `loss` is the
+        next-token cross-entropy averaged over target tokens (transformers' causal-LM loss)."""
+        return self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=batch.labels if with_loss else None,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
+        """Greedy (by default) batched generation from segments, left padded, with the KV cache."""
+        batch = self.assemble(prompts, padding_side="left")
+        out = self.model.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=generate_kwargs.pop("do_sample", False),
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            **generate_kwargs,
+        )
+        # With inputs_embeds only, generate returns just the new tokens.
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,114 @@
+"""The toy backbone: a tiny LLaVA (CLIP vision tower + Llama LM) with a word-level tokenizer.
+
+It is built from configs (no download), saved as an ordinary transformers folder, and then loaded
+through `load_backbone` like any real checkpoint. A marker file records the recipe hash so a stale
+folder is rebuilt (with a warning) and a folder that is not a toy backbone is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MARKER = "mmict_toy_backbone.json"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+RECIPE_VERSION = 1
+
+
+def build_tokenizer(vocabulary: list[str]) -> Any:
+    """A word-level fast tokenizer over the toy vocabulary (split like `\\w+|[^\\w\\s]+`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL_TOKENS + [w for w in vocabulary if w not in SPECIAL_TOKENS]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_toy_llava(cfg: Any, vocabulary: list[str]) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image_processor) for a tiny random-init LLaVA, deterministic in `cfg.seed`."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    tokenizer = build_tokenizer(vocabulary)
+    vision = CLIPVisionConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_hidden_size * 4, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.num_heads, projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+    )
+    return model, tokenizer, image_processor
+
+
+def toy_recipe(cfg: Any, vocabulary: list[str]) -> dict:
+    fields = {k: getattr(cfg, k) for k in (
+        "image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size", "text_layers",
+        "num_heads", "intermediate_size", "max_position_embeddings", "seed")}
+    blob = json.dumps({"fields": fields, "vocabulary": vocabulary, "version": RECIPE_VERSION}, sort_keys=True)
+    return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def ensure_toy_backbone(path: str | Path, cfg: Any) -> Path:
+    """Write the toy backbone to `path` unless an up-to-date one is already there."""
+    from data_modules.toy_world import toy_vocabulary
+
+    path = Path(path)
+    vocabulary = toy_vocabulary()
+    recipe = toy_recipe(cfg, vocabulary)
+    marker = path / MARKER
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old.get("hash") == recipe["hash"]:
+            return path
+        log.warning("toy backbone at %s was built from another recipe (%s != %s): rebuilding it",
+                    path, old.get("hash"), recipe["hash"])
+        shutil.rmtree(path)
+    elif path.exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{path} exists and is not a toy backbone (no {MARKER}); refusing to overwrite it. "
+            "Set backbone.toy=null to load it as a real model, or choose another backbone.name_or_path."
+        )
+    model, tokenizer, image_processor = build_toy_llava(cfg, vocabulary)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    marker.write_text(json.dumps(recipe, indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built toy backbone at %s (%.2f M params, recipe %s)", path, n_params / 1e6, recipe["hash"])
+    return path

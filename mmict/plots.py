@@ -1,0 +1,60 @@
+"""PNG plots a person reads after a run: the loss curve and score vs shots."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metric(metrics_csv: str | Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric from Lightning's CSVLogger file."""
+    points = []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get(key) not in (None, ""):
+                points.append((int(row["step"]), float(row[key])))
+    return points
+
+
+def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("train/loss", "val/loss"):
+        points = read_metric(metrics_csv, key)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if key.startswith("val") else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (query target)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str = "accuracy") -> Path:
+    """One line per method (zero-shot drawn as a horizontal reference)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    zero = [r for r in rows if r["shots"] == 0]
+    methods = sorted({r["method"] for r in rows if r["shots"] > 0})
+    for method in methods:
+        pts = sorted((r["shots"], 100 * r["accuracy_mean"], 100 * r["accuracy_std"]) for r in rows
+                     if r["method"] == method)
+        pts = [(0, 100 * zero[0]["accuracy_mean"], 100 * zero[0]["accuracy_std"])] + pts if zero else pts
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    ax.set_xlabel("shots")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,140 @@
+"""`python -m mmict.train EXP [key=value ...]` (also `mmict train`, `make train EXP=...`).
+
+Loads the experiment, prepares its data (the toy world is written once), trains the method's
+trainable parts with Lightning, then evaluates on the downstream split and prints the table.
+Everything a run writes goes to `runs/<exp>/<timestamp>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks import SkippedSamplesReport
+from data_modules.toy_world import write_toy_world
+from data_modules.web_corpus import WebCorpusDataModule
+from mmict.config import load_config, save_config
+from mmict.eval.loop import markdown_table
+from mmict.eval.runner import run_eval
+from mmict.modules import METHODS
+from mmict.plots import plot_losses, read_metric
+from mmict.runs import make_run_dir
+
+log = logging.getLogger("mmict")
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Write the toy world when the experiment uses it (reused when already there)."""
+    if cfg.data.toy is not None:
+        write_toy_world(cfg.data.root, **OmegaConf.to_container(cfg.data.toy))
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    if cfg.logger.wandb and os.environ.get("WANDB_MODE") == "disabled":
+        log.info("WANDB_MODE=disabled: not logging to W&B (metrics still go to %s/metrics.csv)", run_dir)
+    elif cfg.logger.wandb:
+        loggers.append(WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{run_dir.name}",
+            save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SkippedSamplesReport]:
+    tr = cfg.trainer
+    skipped = SkippedSamplesReport(run_dir / "skipped_samples.json")
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=-1, save_last=True),
+        LearningRateMonitor(logging_interval="step"),
+        skipped,
+    ]
+    if tr.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=5))
+    trainer = L.Trainer(
+        default_root_dir=run_dir, accelerator=tr.accelerator, devices=tr.devices, precision=tr.precision,
+        max_steps=tr.max_steps, max_epochs=-1,
+        # Streaming data has no length: validate every `val_check_interval` steps across epochs.
+        val_check_interval=tr.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=tr.limit_val_batches, log_every_n_steps=tr.log_every_n_steps,
+        gradient_clip_val=tr.gradient_clip_val, enable_progress_bar=tr.progress_bar,
+        logger=build_loggers(cfg, run_dir), callbacks=callbacks, num_sanity_val_steps=1,
+    )
+    return trainer, skipped
+
+
+def loss_summary(metrics_csv: Path, window: int = 5) -> dict[str, float] | None:
+    """Mean train loss over the first and last `window` logged points: did it learn?"""
+    points = read_metric(metrics_csv, "train/loss")
+    if len(points) < 2:
+        return None
+    w = max(1, min(window, len(points) // 2))
+    first = sum(v for _, v in points[:w]) / w
+    last = sum(v for _, v in points[-w:]) / w
+    return {"first": first, "last": last, "steps_first": points[w - 1][0], "steps_last": points[-w][0]}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = make_run_dir(cfg.run_root, cfg.name)
+    save_config(cfg, run_dir / "config.yaml")
+    log.info("run folder: %s", run_dir)
+    prepare_data(cfg)
+
+    module = METHODS[cfg.method.name](cfg)
+    d = cfg.data
+    datamodule = WebCorpusDataModule(
+        d.root, image_transform=module.backbone.image_transform, batch_size=d.batch_size,
+        num_workers=d.num_workers, min_shots=d.min_shots, max_shots=d.max_shots, epoch_size=d.epoch_size,
+        shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, val_episodes=d.val_episodes,
+    )
+    trainer, skipped = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule)
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
+    metrics_csv = run_dir / "metrics.csv"
+    if metrics_csv.exists():
+        summary["loss"] = loss_summary(metrics_csv)
+        plot_losses(metrics_csv, run_dir / "loss.png")
+    if cfg.eval.enabled:
+        summary["eval"] = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"))
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    run_dir = Path(summary["run_dir"])
+    print(f"\n=== run folder: {run_dir}")
+    loss = summary.get("loss")
+    if loss:
+        print(f"train loss: {loss['first']:.3f} (first logged steps) -> {loss['last']:.3f} (last logged steps); "
+              f"curve: {run_dir / 'loss.png'}")
+    if summary.get("eval"):
+        print(f"\n{markdown_table(summary['eval'])}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
+              "score_vs_shots.png")
+    print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'metrics.csv'} (+ wandb/ when enabled)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmict train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", nargs="?", default="toy_aim", help="name under experiments/ or a yaml path")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_steps=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    train(load_config(args.experiment, args.overrides))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
