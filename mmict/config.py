@@ -105,6 +105,12 @@ class ToyBackboneConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 1024
     seed: int = 0
+    # Pretraining on the toy world's interleaved documents (all weights train), run once and cached,
+    # so the frozen model AIM sits on has learned to read images and answer; 0 keeps it random.
+    pretrain_steps: int = 0
+    pretrain_batch_size: int = 16
+    pretrain_lr: float = 3e-3
+    pretrain_data: str = "data/toy"  # a toy world root (written by `mmict data toy`)
 
 
 @dataclass

@@ -50,6 +50,9 @@ def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str =
         pts = [(0, 100 * zero[0]["accuracy_mean"], 100 * zero[0]["accuracy_std"])] + pts if zero else pts
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+    if zero and not methods:  # only zero-shot was evaluated: one point
+        ax.errorbar([0], [100 * zero[0]["accuracy_mean"]], yerr=[100 * zero[0]["accuracy_std"]], marker="o",
+                    capsize=3, label=zero[0]["method"])
     ax.set_xlabel("shots")
     ax.set_ylabel(f"{metric} (%)")
     ax.legend(fontsize=8)

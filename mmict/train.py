@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ from mmict.plots import plot_losses, read_metric
 from mmict.runs import make_run_dir
 
 log = logging.getLogger("mmict")
+
+# The frozen backbone is kept in eval mode on purpose (no dropout in a frozen model); Lightning warns
+# about any module in eval mode at fit start, which here is expected and only noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 def prepare_data(cfg: DictConfig) -> None:
@@ -69,7 +74,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SkippedSam
         val_check_interval=tr.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=tr.limit_val_batches, log_every_n_steps=tr.log_every_n_steps,
         gradient_clip_val=tr.gradient_clip_val, enable_progress_bar=tr.progress_bar,
-        logger=build_loggers(cfg, run_dir), callbacks=callbacks, num_sanity_val_steps=1,
+        logger=build_loggers(cfg, run_dir), callbacks=callbacks, num_sanity_val_steps=0,
     )
     return trainer, skipped
 
@@ -100,9 +105,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, val_episodes=d.val_episodes,
     )
     trainer, skipped = build_trainer(cfg, run_dir)
+    # Validation before any step is the reference the trained projector is judged against.
+    before = trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule)
+    after = trainer.validate(module, datamodule=datamodule, verbose=False)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
+    if before and after:
+        summary["val_loss"] = {"before": before[0]["val/loss"], "after": after[0]["val/loss"]}
     metrics_csv = run_dir / "metrics.csv"
     if metrics_csv.exists():
         summary["loss"] = loss_summary(metrics_csv)
@@ -116,6 +126,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any]) -> None:
     run_dir = Path(summary["run_dir"])
     print(f"\n=== run folder: {run_dir}")
+    val = summary.get("val_loss")
+    if val:
+        print(f"val loss: {val['before']:.3f} before training -> {val['after']:.3f} after")
     loss = summary.get("loss")
     if loss:
         print(f"train loss: {loss['first']:.3f} (first logged steps) -> {loss['last']:.3f} (last logged steps); "

@@ -412,7 +412,7 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
     assert path.is_file()
     assert path.read_text(encoding="utf-8") == to_yaml(cfg)
     again = load_config(path)  # a saved run config is itself a valid experiment file
-    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
     assert again.name == "toy_aim"  # the saved name wins over the file stem ("config")
 
 

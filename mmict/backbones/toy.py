@@ -75,10 +75,14 @@ def build_toy_llava(cfg: Any, vocabulary: list[str]) -> tuple[Any, Any, Any]:
     return model, tokenizer, image_processor
 
 
+ARCH_FIELDS = ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
+               "text_layers", "num_heads", "intermediate_size", "max_position_embeddings", "seed")
+PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_data")
+
+
 def toy_recipe(cfg: Any, vocabulary: list[str]) -> dict:
-    fields = {k: getattr(cfg, k) for k in (
-        "image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size", "text_layers",
-        "num_heads", "intermediate_size", "max_position_embeddings", "seed")}
+    keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
+    fields = {k: getattr(cfg, k) for k in keys}
     blob = json.dumps({"fields": fields, "vocabulary": vocabulary, "version": RECIPE_VERSION}, sort_keys=True)
     return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
@@ -104,6 +108,13 @@ def ensure_toy_backbone(path: str | Path, cfg: Any) -> Path:
             "Set backbone.toy=null to load it as a real model, or choose another backbone.name_or_path."
         )
     model, tokenizer, image_processor = build_toy_llava(cfg, vocabulary)
+    if getattr(cfg, "pretrain_steps", 0):
+        from mmict.backbones.llava import LlavaBackbone
+        from mmict.backbones.pretrain_toy import pretrain_toy_backbone
+
+        losses = pretrain_toy_backbone(LlavaBackbone(model, tokenizer, image_processor, str(path)), cfg)
+        recipe["pretrain_loss"] = {"first": losses[0], "last": sum(losses[-20:]) / len(losses[-20:])}
+        log.info("toy backbone pretrained: loss %.3f -> %.3f", losses[0], recipe["pretrain_loss"]["last"])
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

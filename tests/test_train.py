@@ -1,0 +1,66 @@
+"""End to end: `mmict train` fits a few steps on a tiny toy world, evaluates, and writes the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mmict.config import load_config
+from mmict.eval.__main__ import evaluate_checkpoint
+from mmict.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_backbone_dir):
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = load_config("toy_aim", [
+        f"run_root={root / 'runs'}", f"data.root={root / 'toy'}",
+        f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null",
+        "data.toy.num_docs=80", "data.toy.val_docs=16", "data.toy.vqa_train=20", "data.toy.vqa_test=12",
+        "data.toy.image_size=16", "data.batch_size=4", "data.num_workers=0", "data.epoch_size=40",
+        "data.val_episodes=8", "trainer.max_steps=12", "trainer.val_check_interval=6",
+        "trainer.checkpoint_every_n_steps=6", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
+        "optim.warmup_steps=0", "optim.lr=3e-3", "eval.num_queries=8", "eval.shots=[0,2]", "eval.seeds=[0,1]",
+    ])
+    return cfg, train(cfg)
+
+
+def test_run_folder_has_everything(finished_run):
+    cfg, summary = finished_run
+    run = summary["run_dir"]
+    run = Path(run)
+    for name in ("config.yaml", "metrics.csv", "loss.png", "checkpoints/last.ckpt", "eval/results.json",
+                 "eval/results.md", "eval/score_vs_shots.png", "skipped_samples.json"):
+        assert (run / name).exists(), name
+    assert summary["loss"]["first"] > 0 and summary["loss"]["last"] < summary["loss"]["first"]
+    results = json.loads((run / "eval/results.json").read_text())
+    methods = {(r["method"], r["shots"]) for r in results["summary"]}
+    assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
+                       ("text-only demos", 2)}
+    assert all(r["seeds"] == 2 and r["queries"] == 8 for r in results["summary"])
+    saved = OmegaConf.to_container(load_config(run / "config.yaml"), resolve=True)
+    assert saved == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_checkpoint_is_trainable_weights_and_config(finished_run):
+    _, summary = finished_run
+    ckpt = torch.load(Path(summary["run_dir"]) / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"projector.net.weight", "projector.net.bias"}
+    assert ckpt["hyper_parameters"]["config"]["method"]["name"] == "aim"
+    assert ckpt["global_step"] == 12
+
+
+def test_eval_of_checkpoint_never_overwrites(finished_run):
+    _, summary = finished_run
+    run = Path(summary["run_dir"])
+    rows = evaluate_checkpoint(run / "checkpoints/last.ckpt", ["eval.shots=[0]", "eval.seeds=[0]"])
+    assert [r["shots"] for r in rows] == [0]
+    assert (run / "eval/results-1.json").exists()  # the training run's results.json is kept
+    first = json.loads((run / "eval/results.json").read_text())
+    assert {r["shots"] for r in first["summary"]} == {0, 2}
