@@ -44,9 +44,9 @@ def prepare_data(cfg: DictConfig) -> None:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.logger.wandb and os.environ.get("WANDB_MODE") == "disabled":
-        log.info("WANDB_MODE=disabled: not logging to W&B (metrics still go to %s/metrics.csv)", run_dir)
+        log.info("WANDB_MODE=disabled: not logging to W&B (metrics still go to %s/logs/metrics.csv)", run_dir)
     elif cfg.logger.wandb:
         loggers.append(WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{run_dir.name}",
@@ -113,7 +113,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
     if before and after:
         summary["val_loss"] = {"before": before[0]["val/loss"], "after": after[0]["val/loss"]}
-    metrics_csv = run_dir / "metrics.csv"
+    metrics_csv = run_dir / "logs" / "metrics.csv"
     if metrics_csv.exists():
         summary["loss"] = loss_summary(metrics_csv)
         plot_losses(metrics_csv, run_dir / "loss.png")
@@ -136,7 +136,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("eval"):
         print(f"\n{markdown_table(summary['eval'])}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
               "score_vs_shots.png")
-    print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'metrics.csv'} (+ wandb/ when enabled)")
+    print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'logs' / 'metrics.csv'} (+ wandb/ when enabled)")
 
 
 def main(argv: list[str] | None = None) -> None:

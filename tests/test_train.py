@@ -35,7 +35,7 @@ def test_run_folder_has_everything(finished_run):
     cfg, summary = finished_run
     run = summary["run_dir"]
     run = Path(run)
-    for name in ("config.yaml", "metrics.csv", "loss.png", "checkpoints/last.ckpt", "eval/results.json",
+    for name in ("config.yaml", "logs/metrics.csv", "loss.png", "checkpoints/last.ckpt", "eval/results.json",
                  "eval/results.md", "eval/score_vs_shots.png", "skipped_samples.json"):
         assert (run / name).exists(), name
     assert summary["loss"]["first"] > 0 and summary["loss"]["last"] < summary["loss"]["first"]
