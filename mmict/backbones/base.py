@@ -238,10 +238,13 @@ class Backbone(nn.Module):
             use_cache=False,
         )
 
-    @torch.no_grad()
     def generate(self, prompts: list[Prompt], max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
         """Greedy (by default) batched generation from segments, left padded, with the KV cache."""
-        batch = self.assemble(prompts, padding_side="left")
+        return self.generate_from(self.assemble(prompts, padding_side="left"), max_new_tokens, **generate_kwargs)
+
+    @torch.no_grad()
+    def generate_from(self, batch: Assembled, max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
+        """Generation from an already assembled, left-padded batch."""
         out = self.model.generate(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,

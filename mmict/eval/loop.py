@@ -74,8 +74,9 @@ def evaluate(
             batch = episode_batch(q, d)
             batch = {key: v.to(module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
-            ctx += module.backbone.assemble(prompts).context_tokens.tolist()
-            outputs = module.backbone.generate(prompts, max_new_tokens=max_new_tokens)
+            assembled = module.backbone.assemble(prompts, padding_side="left")
+            ctx += assembled.context_tokens.tolist()
+            outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens)
             scores += [exact_match(postprocess_vqa(o), ex.answers) for o, ex in zip(outputs, q)]
             bar.update(len(q))
         results.append(TrialResult(mode, k, seed, sum(scores) / len(scores), sum(ctx) / len(ctx), len(scores)))
