@@ -108,7 +108,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Validation before any step is the reference the trained projector is judged against.
     before = trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule)
-    after = trainer.validate(module, datamodule=datamodule, verbose=False)
+    # fit validates every `val_check_interval` steps; when that includes the last step, its result is
+    # the "after" number and validating again would only repeat the work.
+    tr = cfg.trainer
+    if tr.max_steps % tr.val_check_interval == 0 and "val/loss" in trainer.callback_metrics:
+        after = [{"val/loss": float(trainer.callback_metrics["val/loss"])}]
+    else:
+        after = trainer.validate(module, datamodule=datamodule, verbose=False)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
     if before and after:

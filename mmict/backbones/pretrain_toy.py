@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from mmict.backbones.base import Backbone
+from mmict.optim import adamw_warmup_cosine
 from mmict.segments import Image, Prompt, Text
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,16 @@ class ToyPretrainModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import get_cosine_schedule_with_warmup
-
-        optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=self.lr, weight_decay=0.01)
-        schedule = get_cosine_schedule_with_warmup(optimizer, self.warmup_steps, self.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(self.backbone.parameters(), lr=self.lr, weight_decay=0.01,
+                                   warmup_steps=self.warmup_steps, total_steps=self.max_steps)
 
 
 def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True) -> list[float]:
     """Train `backbone` in place for `cfg.pretrain_steps` steps; returns the logged loss curve."""
-    from data_modules.toy_world import write_toy_world
     from data_modules.web_corpus import WebCorpusDataModule
 
-    write_toy_world(cfg.pretrain_data)  # reused when already there
+    # The toy world is written by whoever owns its recipe (`mmict train`'s data step, or `mmict data
+    # toy`); a missing one fails here with that command, rather than being rewritten from defaults.
     datamodule = WebCorpusDataModule(
         cfg.pretrain_data, image_transform=backbone.image_transform, batch_size=cfg.pretrain_batch_size,
         num_workers=1, min_shots=1, max_shots=MAX_PAIRS - 1, epoch_size=cfg.pretrain_batch_size * 200,

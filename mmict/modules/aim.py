@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmict.aim import DemoReader, FusedTokenProjector
 from mmict.backbones import Backbone, build_backbone
+from mmict.optim import adamw_warmup_cosine
 from mmict.prompts import build_prompt
 from mmict.segments import Prompt
 
@@ -85,15 +86,11 @@ class AIMModule(L.LightningModule):
         self.log("val/context_tokens", ctx.mean(), batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        from transformers import get_cosine_schedule_with_warmup
-
         opt = self.cfg.optim
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas))
-        schedule = get_cosine_schedule_with_warmup(
-            optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=max(self.cfg.trainer.max_steps, 1)
+        return adamw_warmup_cosine(
+            (p for p in self.parameters() if p.requires_grad), lr=opt.lr, weight_decay=opt.weight_decay,
+            warmup_steps=opt.warmup_steps, total_steps=self.cfg.trainer.max_steps, betas=tuple(opt.betas),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen backbone is reloaded from its own checkpoint: keep only what trains.
