@@ -24,7 +24,7 @@ from .web_corpus import ImageTransform, decode_image, find_shards, missing_shard
 logger = logging.getLogger(__name__)
 
 # task -> folder under root holding its shards; add a task by adding its folder here.
-TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa"}
+TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa", "toy_binding": "binding"}
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -35,6 +35,7 @@ class Example:
     question: str
     answers: list[str]
     task: str
+    group: str | None = None  # the episode an example belongs to (binding tasks), from json "episode"
 
 
 def _answers(meta: dict) -> list[str] | None:
@@ -79,6 +80,7 @@ def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | 
         question=str(meta.get("question", meta.get("prompt", ""))),
         answers=answers,
         task=str(meta.get("task", "")),
+        group=str(meta["episode"]) if meta.get("episode") is not None else None,
     )
 
 

@@ -3,9 +3,15 @@
 Every image shows one shape in one colour at one position on a plain light background. Every text is a
 caption ("a red circle on the left .") or a VQA string ("Question: what color is the shape ? Short
 answer: red"), so a word-level vocabulary (``toy_vocabulary()``) covers all of it and tiny models can
-learn it in minutes. Web documents are thematic (their images share a colour, a shape or a position, and
-most keep one text form), so earlier (image, text) pairs of a document say something about later ones:
-the signal in-context tuning learns to use.
+learn it in minutes. Web documents are of two kinds:
+
+- thematic documents (their images share a colour, a shape or a position, and most keep one text form),
+  so earlier (image, text) pairs of a document say something about later ones;
+- concept-binding episodes (``toy_binding.py``): nonsense words of the *tuning* pool bound to shapes or
+  colours, "this is a dapo", which only the demos' images can resolve.
+
+The downstream side has a toy VQA task (``vqa/``) and the binding task (``binding/``: episodes over the
+*eval* word pool; the train split is each episode's demo pool, the test split its queries).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump when the generated data changes for the same arguments, so that old worlds get rewritten.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: binding episodes in the web corpus, the binding task
 
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -71,6 +77,7 @@ _SUPERSAMPLE = 4  # draw large, then box-downsample: anti-aliased edges at 32 px
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
 WEB_DIR = "web"
 VQA_DIR = "vqa"
+BINDING_DIR = "binding"
 MANIFEST = "manifest.json"
 
 
@@ -210,6 +217,44 @@ def make_document(rng: random.Random, doc_id: str, image_size: int = 32) -> dict
     return {"doc_id": doc_id, "url": f"toy://{doc_id}", "text_list": texts, "image_info": infos}
 
 
+def make_binding_document(
+    rng: random.Random, doc_id: str, image_size: int = 32, n_way: int = 2, pool: str = "tuning"
+) -> dict:
+    """A concept-binding episode as an interleaved document: k demos and a query, all "this is a <word>"."""
+    from .toy_binding import binding_text, episode_document, word_pools
+
+    pairs = episode_document(rng, word_pools()[pool], k=rng.randint(1, 7), n_way=n_way)
+    texts = [binding_text(p.word) for p in pairs]
+    infos = []
+    for i, p in enumerate(pairs):
+        image = draw_shape(p.shape, p.color, p.position, size=image_size, rng=rng)
+        infos.append({"image_name": f"img_{i}.jpg", "matched_text_index": i, "matched_sim": 0.3,
+                      "image_base64": base64.b64encode(_jpeg_bytes(image)).decode("ascii")})
+    rng.shuffle(infos)
+    return {"doc_id": doc_id, "url": f"toy://{doc_id}", "text_list": texts, "image_info": infos}
+
+
+def binding_examples(rng: random.Random, episode_index: int, pool_per_class: int, queries: int,
+                     n_way: int, image_size: int = 32) -> tuple[list[tuple[dict, bytes]], list[tuple[dict, bytes]]]:
+    """One evaluation episode over the eval word pool: (demo pool examples, query examples)."""
+    from .toy_binding import BINDING_PROMPT, BINDING_TASK, sample_episode, word_pools
+
+    episode = sample_episode(rng, word_pools()["eval"], n_way)
+    name = f"ep{episode_index:05d}"
+
+    def example(split: str, i: int, class_index: int) -> tuple[dict, bytes]:
+        bound = episode.image(class_index, rng)
+        key = f"{name}_{split}{i:03d}"
+        meta = {"id": key, "task": BINDING_TASK, "episode": name, "prompt": BINDING_PROMPT,
+                "answers": [bound.word], "attribute": episode.attribute, "class": episode.classes[class_index]}
+        image = draw_shape(bound.shape, bound.color, bound.position, size=image_size, rng=rng)
+        return meta, _jpeg_bytes(image)
+
+    demos = [example("d", c * pool_per_class + i, c) for c in range(n_way) for i in range(pool_per_class)]
+    asked = [example("q", i, rng.randrange(n_way)) for i in range(queries)]
+    return demos, asked
+
+
 def make_vqa_example(rng: random.Random, example_id: str, image_size: int = 32) -> tuple[dict, bytes]:
     """One downstream VQA example: its ``json`` and its ``jpg`` bytes."""
     attrs = _random_attributes(rng)
@@ -236,6 +281,8 @@ def _split_dirs(root: Path) -> dict[str, tuple[Path, str]]:
         "web/val": (root / WEB_DIR, "val"),
         "vqa/train": (root / VQA_DIR, "train"),
         "vqa/test": (root / VQA_DIR, "test"),
+        "binding/train": (root / BINDING_DIR, "train"),
+        "binding/test": (root / BINDING_DIR, "test"),
     }
 
 
@@ -257,8 +304,22 @@ def toy_world_exists(root: str | Path) -> bool:
     return all(_shards(root, split) for split, count in counts.items() if count > 0)
 
 
+def _binding_samples(split: str, recipe: dict) -> Iterator[dict]:
+    # Both binding splits come from one RNG stream, so an episode's demos and queries share its words.
+    rng = random.Random(f"toy-world/{recipe['seed']}/binding")
+    for e in range(recipe["binding_episodes"]):
+        demos, queries = binding_examples(rng, e, recipe["binding_pool_per_class"],
+                                          recipe["binding_queries_per_episode"], recipe["n_way"],
+                                          recipe["image_size"])
+        for meta, jpg in demos if split == "binding/train" else queries:
+            yield {"__key__": meta["id"], "jpg": jpg, "json": json.dumps(meta).encode()}
+
+
 def _samples(split: str, recipe: dict) -> Iterator[dict]:
     """The samples of one split, from an RNG seeded by (seed, split) so splits are independent."""
+    if split.startswith("binding/"):
+        yield from _binding_samples(split, recipe)
+        return
     rng = random.Random(f"toy-world/{recipe['seed']}/{split}")
     size = recipe["image_size"]
     kind, name = split.split("/")
@@ -266,7 +327,11 @@ def _samples(split: str, recipe: dict) -> Iterator[dict]:
     for i in range(count):
         key = f"{name}_{i:06d}"
         if kind == "web":
-            yield {"__key__": key, "json": json.dumps(make_document(rng, key, size)).encode()}
+            if rng.random() < recipe["binding_fraction"]:
+                doc = make_binding_document(rng, key, size, recipe["n_way"])
+            else:
+                doc = make_document(rng, key, size)
+            yield {"__key__": key, "json": json.dumps(doc).encode()}
         else:
             meta, jpg = make_vqa_example(rng, key, size)
             yield {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
@@ -279,6 +344,11 @@ def write_toy_world(
     val_docs: int = 200,
     vqa_train: int = 500,
     vqa_test: int = 300,
+    binding_fraction: float = 0.5,
+    binding_episodes: int = 100,
+    binding_pool_per_class: int = 8,
+    binding_queries_per_episode: int = 3,
+    n_way: int = 2,
     image_size: int = 32,
     samples_per_shard: int = 500,
     seed: int = 0,
@@ -286,8 +356,11 @@ def write_toy_world(
 ) -> dict:
     """Write the toy world's shards under ``root`` (or reuse them when the recipe is unchanged).
 
-    Layout: ``web/{train,val}-%06d.tar`` (interleaved documents), ``vqa/{train,test}-%06d.tar`` (the
-    demo pool and the queries) and ``manifest.json`` (recipe, its hash, counts). Returns the manifest.
+    Layout: ``web/{train,val}-%06d.tar`` (interleaved documents, ``binding_fraction`` of them binding
+    episodes), ``vqa/{train,test}-%06d.tar`` and ``binding/{train,test}-%06d.tar`` (demo pools and
+    queries; a binding episode has ``binding_pool_per_class`` demos per class and
+    ``binding_queries_per_episode`` queries) and ``manifest.json`` (recipe, its hash, counts).
+    Returns the manifest.
     """
     root = Path(root)
     recipe = {
@@ -295,6 +368,11 @@ def write_toy_world(
         "val_docs": val_docs,
         "vqa_train": vqa_train,
         "vqa_test": vqa_test,
+        "binding_fraction": binding_fraction,
+        "binding_episodes": binding_episodes,
+        "binding_pool_per_class": binding_pool_per_class,
+        "binding_queries_per_episode": binding_queries_per_episode,
+        "n_way": n_way,
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
         "seed": seed,
@@ -324,6 +402,8 @@ def write_toy_world(
         "web/val": val_docs,
         "vqa/train": vqa_train,
         "vqa/test": vqa_test,
+        "binding/train": binding_episodes * n_way * binding_pool_per_class,
+        "binding/test": binding_episodes * binding_queries_per_episode,
     }
     with tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", unit="sample") as progress:
         for split, (folder, prefix) in splits.items():

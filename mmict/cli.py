@@ -14,7 +14,26 @@ commands:
   train EXP [key=value ...]        train an experiment (experiments/EXP.yaml), then evaluate it
   eval CKPT [key=value ...]        evaluate a checkpoint at the configured shots
   data toy [--root data/toy]       write the toy world's webdataset shards
+  pretrain-toy [EXP] [--force]     pretrain (and cache) the experiment's toy backbone; `train` does it
+                                   the first time on its own
 """
+
+
+def pretrain_toy_main(argv: list[str]) -> None:
+    from mmict.backbones.toy import MARKER, ensure_toy_backbone
+    from mmict.config import load_config
+
+    parser = argparse.ArgumentParser(prog="mmict pretrain-toy")
+    parser.add_argument("experiment", nargs="?", default="toy_aim")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. backbone.toy.pretrain_steps=500")
+    parser.add_argument("--force", action="store_true", help="pretrain again even if an up-to-date backbone exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.experiment, args.overrides)
+    if cfg.backbone.toy is None:
+        raise ConfigError(f"experiment {args.experiment} has no backbone.toy section: its backbone is not a toy one")
+    path = ensure_toy_backbone(cfg.backbone.name_or_path, cfg.backbone.toy, force=args.force)
+    print(f"toy backbone at {path}; recipe, loss and binding probe: {path / MARKER}")
 
 
 def data_main(argv: list[str]) -> None:
@@ -47,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             eval_main(rest)
         elif command == "data":
             data_main(rest)
+        elif command == "pretrain-toy":
+            pretrain_toy_main(rest)
         else:
             print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
             return 2

@@ -105,12 +105,13 @@ class ToyBackboneConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 1024
     seed: int = 0
-    # Pretraining on the toy world's interleaved documents (all weights train), run once and cached,
-    # so the frozen model AIM sits on has learned to read images and answer; 0 keeps it random.
-    pretrain_steps: int = 0
+    # Pretraining from scratch on generated documents (captions, binding episodes over the pretrain
+    # word pool, word lists; see data_modules/toy_pretrain.py), run once and cached, so the frozen model
+    # AIM sits on reads images and does in-context binding; 0 keeps it random.
+    pretrain_steps: int = 0  # all steps, the word-list warm-up included
+    pretrain_text_steps: int = 0  # warm-up on word lists only (where copying, an induction head, is learnt)
     pretrain_batch_size: int = 16
-    pretrain_lr: float = 3e-3
-    pretrain_data: str = "data/toy"  # a toy world root (written by `mmict data toy`)
+    pretrain_lr: float = 1e-3
 
 
 @dataclass
@@ -138,12 +139,17 @@ class MethodConfig:
 
 @dataclass
 class ToyWorldConfig:
-    """Size of the self-made toy world (interleaved docs + a VQA task) written under data.root."""
+    """Size of the self-made toy world (interleaved docs, a VQA task, a binding task) under data.root."""
 
     num_docs: int = 3000
     val_docs: int = 200
     vqa_train: int = 500
     vqa_test: int = 300
+    binding_fraction: float = 0.5  # of the web documents that are binding episodes (tuning word pool)
+    binding_episodes: int = 100  # downstream binding episodes (eval word pool)
+    binding_pool_per_class: int = 8  # demo pool images per class and episode
+    binding_queries_per_episode: int = 3
+    n_way: int = 2  # classes per binding episode
     image_size: int = 32
     seed: int = 0
 

@@ -39,8 +39,9 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str = "accuracy") -> Path:
-    """One line per method (zero-shot drawn as a horizontal reference)."""
+def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str = "accuracy",
+                        chance: float | None = None, title: str | None = None) -> Path:
+    """One line per method, each starting from the zero-shot point; mean +- std over seeds; chance dashed."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     zero = [r for r in rows if r["shots"] == 0]
     methods = sorted({r["method"] for r in rows if r["shots"] > 0})
@@ -53,6 +54,10 @@ def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str =
     if zero and not methods:  # only zero-shot was evaluated: one point
         ax.errorbar([0], [100 * zero[0]["accuracy_mean"]], yerr=[100 * zero[0]["accuracy_std"]], marker="o",
                     capsize=3, label=zero[0]["method"])
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.set_xlabel("shots")
     ax.set_ylabel(f"{metric} (%)")
     ax.legend(fontsize=8)

@@ -17,12 +17,18 @@ import torch
 class Text:
     """Plain text, tokenized by the backbone's tokenizer without special tokens.
 
-    `target=True` marks the tokens the loss is computed on (the backbone appends EOS to a target so
-    the model learns where to stop).
+    `target=True` marks the tokens the loss is computed on. The backbone appends EOS to a target so
+    the model learns where to stop; `eos` overrides that (a pretraining document's inner texts are
+    targets that go on into the next image, so they take no EOS).
     """
 
     text: str
     target: bool = False
+    eos: bool | None = None  # None: EOS after a target, none after plain text
+
+    @property
+    def ends_with_eos(self) -> bool:
+        return self.target if self.eos is None else self.eos
 
 
 @dataclass(frozen=True)

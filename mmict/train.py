@@ -24,7 +24,6 @@ from callbacks import SkippedSamplesReport
 from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
 from mmict.config import load_config, save_config
-from mmict.eval.loop import markdown_table
 from mmict.eval.runner import run_eval
 from mmict.modules import METHODS
 from mmict.plots import plot_losses, read_metric
@@ -124,7 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["loss"] = loss_summary(metrics_csv)
         plot_losses(metrics_csv, run_dir / "loss.png")
     if cfg.eval.enabled:
-        summary["eval"] = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"))
+        rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"))
+        summary["eval"], summary["eval_report"] = rows, report
     print_summary(summary)
     return summary
 
@@ -140,7 +140,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"train loss: {loss['first']:.3f} (first logged steps) -> {loss['last']:.3f} (last logged steps); "
               f"curve: {run_dir / 'loss.png'}")
     if summary.get("eval"):
-        print(f"\n{markdown_table(summary['eval'])}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
+        print(f"\n{summary['eval_report']}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
               "score_vs_shots.png")
     print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'logs' / 'metrics.csv'} (+ wandb/ when enabled)")
 

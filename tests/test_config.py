@@ -69,9 +69,10 @@ def test_toy_aim_loads_with_expected_values() -> None:
     assert cfg.backbone.toy is not None and cfg.backbone.toy.text_hidden_size == 96
     assert cfg.data.root == "data/toy"
     assert cfg.data.toy is not None and cfg.data.toy.num_docs == 3000
-    assert (cfg.data.min_shots, cfg.data.max_shots) == (1, 4)
-    assert list(cfg.eval.shots) == [0, 2, 4]
-    assert cfg.eval.task == "toy_vqa"
+    assert (cfg.data.min_shots, cfg.data.max_shots) == (1, 7)
+    assert list(cfg.eval.shots) == [0, 1, 2, 4, 8] and list(cfg.eval.seeds) == [0, 1, 2]
+    assert cfg.eval.task == "toy_binding"
+    assert cfg.backbone.toy.pretrain_text_steps < cfg.backbone.toy.pretrain_steps
     assert cfg.trainer.precision == "32-true"
     assert cfg.logger.offline is True
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(1e-3)

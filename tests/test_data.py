@@ -36,6 +36,7 @@ from data_modules import (
     vqa_prompt,
     write_toy_world,
 )
+from data_modules.toy_binding import BINDING_PROMPT, binding_vocabulary, word_pools
 from data_modules.toy_world import (
     BACKGROUND_RGB,
     COLOR_RGB,
@@ -162,7 +163,8 @@ def test_write_toy_world_reuses_and_rewrites(tmp_path: Path, caplog: pytest.LogC
     assert not toy_world_exists(tmp_path)
     manifest = write_toy_world(tmp_path, **args)
     assert toy_world_exists(tmp_path)
-    assert manifest["counts"] == {"web/train": 12, "web/val": 4, "vqa/train": 6, "vqa/test": 5}
+    assert manifest["counts"] == {"web/train": 12, "web/val": 4, "vqa/train": 6, "vqa/test": 5,
+                                  "binding/train": 2 * 8 * 100, "binding/test": 3 * 100}
     assert len(list((tmp_path / "web").glob("train-*.tar"))) == 3
     assert json.loads((tmp_path / "manifest.json").read_text())["hash"] == manifest["hash"]
     shards = [str(tmp_path / name) for name in manifest["shards"]["web/train"]]  # relative to root
@@ -218,9 +220,14 @@ def test_train_batches_have_the_episode_structure(toy_root: Path) -> None:
     for batch in batches:
         _check_batch(batch, 4, 1, 3)
     assert len({k for batch in batches for k in batch["demo_counts"]}) > 1  # k varies
-    vocab = set(toy_vocabulary())
+    vocab = set(toy_vocabulary() + binding_vocabulary())
+    tuning = set(word_pools()["tuning"])
     texts = [t for batch in batches for t in batch["demo_texts"] + batch["query_targets"]]
-    assert all(set(tokenize(text)) <= vocab for text in texts)
+    binding = [t for t in texts if t.startswith(BINDING_PROMPT)]
+    assert binding and len(binding) < len(texts)  # both kinds of document are in the corpus
+    # The web corpus binds words of the tuning pool only: the eval pool stays unseen in training.
+    assert all(t.split()[-1] in tuning for t in binding)
+    assert all(set(tokenize(text)) <= vocab for text in texts if text not in binding)
 
 
 def test_train_stream_is_seeded_and_each_epoch_differs(toy_root: Path) -> None:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from data_modules.toy_world import write_toy_world
+from data_modules.toy_binding import binding_text, nonsense_words
 from mmict.backbones import load_backbone
 from mmict.backbones.toy import MARKER, ensure_toy_backbone
 from tests.conftest import TINY_TOY
@@ -32,16 +32,36 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_toy_backbone(tmp_path):
         ensure_toy_backbone(tmp_path / "mine", SimpleNamespace(**TINY_TOY))
 
 
+def test_force_rebuilds_an_up_to_date_backbone(tmp_path):
+    path = ensure_toy_backbone(tmp_path / "bb", SimpleNamespace(**TINY_TOY))
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    ensure_toy_backbone(path, SimpleNamespace(**TINY_TOY), force=True)
+    assert (path / "model.safetensors").stat().st_mtime_ns != stamp
+
+
+def test_tokenizer_splits_nonsense_words_into_syllables_and_back(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    for word in nonsense_words()[:: len(nonsense_words()) // 50]:
+        pieces = tok.tokenize(word)
+        assert pieces == [word[:2], f"##{word[2:]}"], (word, pieces)
+        assert tok.decode(tok(word, add_special_tokens=False)["input_ids"]) == word
+    assert tok.unk_token not in tok.tokenize(binding_text("dapo") + " a red circle on the left .")
+
+
 @pytest.mark.slow
-def test_pretraining_lowers_loss_and_changes_weights(tmp_path):
-    data = tmp_path / "toy"
-    write_toy_world(data, num_docs=120, val_docs=8, vqa_train=8, vqa_test=8, image_size=16)
-    cfg = SimpleNamespace(**TINY_TOY, pretrain_steps=80, pretrain_batch_size=8, pretrain_lr=3e-3,
-                          pretrain_data=str(data))
+def test_pretraining_lowers_loss_trains_lm_not_vision_and_records_probe(tmp_path):
+    cfg = SimpleNamespace(**TINY_TOY, pretrain_steps=60, pretrain_text_steps=20, pretrain_batch_size=8,
+                          pretrain_lr=3e-3)
     path = ensure_toy_backbone(tmp_path / "bb", cfg)
     recipe = json.loads((path / MARKER).read_text())
     assert recipe["pretrain_loss"]["last"] < 0.75 * recipe["pretrain_loss"]["first"]
+    assert set(recipe["binding_probe"]) == {"none", "images", "text"}
     random_init = load_backbone("llava", str(ensure_toy_backbone(tmp_path / "rand", SimpleNamespace(**TINY_TOY))))
     trained = load_backbone("llava", str(path))
     assert not torch.equal(trained.model.lm_head.weight, random_init.model.lm_head.weight)
+    assert not torch.equal(trained.model.model.multi_modal_projector.linear_1.weight,
+                           random_init.model.model.multi_modal_projector.linear_1.weight)
+    for (name, a), b in zip(trained.model.model.vision_tower.named_parameters(),
+                            random_init.model.model.vision_tower.parameters()):
+        assert torch.equal(a, b), f"vision tower weight {name} changed: it must stay frozen"
     assert not any(p.requires_grad for p in trained.parameters())  # loaded frozen again

@@ -23,7 +23,7 @@ def finished_run(tmp_path_factory, tiny_backbone_dir):
         f"run_root={root / 'runs'}", f"data.root={root / 'toy'}",
         f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null",
         "data.toy.num_docs=80", "data.toy.val_docs=16", "data.toy.vqa_train=20", "data.toy.vqa_test=12",
-        "data.toy.image_size=16", "data.batch_size=4", "data.num_workers=0", "data.epoch_size=40",
+        "data.toy.image_size=16", "data.toy.binding_episodes=4", "data.batch_size=4", "data.num_workers=0", "data.epoch_size=40",
         "data.val_episodes=8", "trainer.max_steps=12", "trainer.val_check_interval=6",
         "trainer.checkpoint_every_n_steps=6", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
         "optim.warmup_steps=0", "optim.lr=3e-3", "eval.num_queries=8", "eval.shots=[0,2]", "eval.seeds=[0,1]",

@@ -146,8 +146,8 @@ class Backbone(nn.Module):
 
         texts = [seg.text for p in prompts for seg in p if isinstance(seg, Text)]
         token_ids = self.tokenize(texts)
-        text_targets = [seg.target for p in prompts for seg in p if isinstance(seg, Text)]
-        token_ids = [ids + [self.eos_token_id] if tgt else ids for ids, tgt in zip(token_ids, text_targets)]
+        text_eos = [seg.ends_with_eos for p in prompts for seg in p if isinstance(seg, Text)]
+        token_ids = [ids + [self.eos_token_id] if eos else ids for ids, eos in zip(token_ids, text_eos)]
         pieces_ids = [bos] * len(prompts) + token_ids
         flat = torch.tensor([i for ids in pieces_ids for i in ids], dtype=torch.long, device=device)
         flat_embeds = self.embed_tokens(flat) if flat.numel() else flat.new_zeros((0, self.hidden_size))

@@ -1,4 +1,4 @@
-"""The toy backbone: a tiny LLaVA (CLIP vision tower + Llama LM) with a word-level tokenizer.
+"""The toy backbone: a tiny LLaVA (CLIP vision tower + Llama LM) with a word-piece tokenizer.
 
 It is built from configs (no download), saved as an ordinary transformers folder, and then loaded
 through `load_backbone` like any real checkpoint. A marker file records the recipe hash so a stale
@@ -20,25 +20,30 @@ log = logging.getLogger(__name__)
 
 MARKER = "mmict_toy_backbone.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: syllable word pieces, text warm-up, frozen vision tower
 
 
-def build_tokenizer(vocabulary: list[str]) -> Any:
-    """A word-level fast tokenizer over the toy vocabulary (split like `\\w+|[^\\w\\s]+`)."""
+def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
+    """A fast tokenizer over the toy vocabulary: whole words, plus word pieces for nonsense words.
+
+    Words split like `\\w+|[^\\w\\s]+`; a word that is not in the vocabulary is cut into `pieces`
+    (longest first, continuations written "##po"), so "dapo" -> "da", "##po" and decodes back to "dapo".
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = SPECIAL_TOKENS + [w for w in vocabulary if w not in SPECIAL_TOKENS]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    words += [p for p in pieces if p not in words] + [f"##{p}" for p in pieces]
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins pieces, and words with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
     )
 
 
-def build_toy_llava(cfg: Any, vocabulary: list[str]) -> tuple[Any, Any, Any]:
+def build_toy_llava(cfg: Any, vocabulary: list[str], pieces: list[str] = ()) -> tuple[Any, Any, Any]:
     """(model, tokenizer, image_processor) for a tiny random-init LLaVA, deterministic in `cfg.seed`."""
     from transformers import (
         CLIPImageProcessor,
@@ -48,7 +53,7 @@ def build_toy_llava(cfg: Any, vocabulary: list[str]) -> tuple[Any, Any, Any]:
         LlavaForConditionalGeneration,
     )
 
-    tokenizer = build_tokenizer(vocabulary)
+    tokenizer = build_tokenizer(vocabulary, pieces)
     vision = CLIPVisionConfig(
         image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden_size,
         intermediate_size=cfg.vision_hidden_size * 4, num_hidden_layers=cfg.vision_layers,
@@ -77,27 +82,38 @@ def build_toy_llava(cfg: Any, vocabulary: list[str]) -> tuple[Any, Any, Any]:
 
 ARCH_FIELDS = ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
                "text_layers", "num_heads", "intermediate_size", "max_position_embeddings", "seed")
-PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_batch_size", "pretrain_lr", "pretrain_data")
+PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_text_steps", "pretrain_batch_size", "pretrain_lr")
 
 
-def toy_recipe(cfg: Any, vocabulary: list[str]) -> dict:
+def toy_language() -> tuple[list[str], list[str]]:
+    """(whole words, word pieces) of the toy world: captions, VQA and binding texts, and syllables."""
+    from data_modules.toy_binding import SYLLABLES, binding_vocabulary
+    from data_modules.toy_world import toy_vocabulary
+
+    return sorted(set(toy_vocabulary() + binding_vocabulary())), list(SYLLABLES)
+
+
+def toy_recipe(cfg: Any) -> dict:
+    """The fields that determine the toy backbone (architecture, language, pretraining) and their hash."""
+    from data_modules.toy_binding import word_pools
+
     keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
     fields = {k: getattr(cfg, k) for k in keys}
-    blob = json.dumps({"fields": fields, "vocabulary": vocabulary, "version": RECIPE_VERSION}, sort_keys=True)
+    words, pieces = toy_language()
+    pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
+    blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,
+                       "version": RECIPE_VERSION}, sort_keys=True)
     return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
 
-def ensure_toy_backbone(path: str | Path, cfg: Any) -> Path:
-    """Write the toy backbone to `path` unless an up-to-date one is already there."""
-    from data_modules.toy_world import toy_vocabulary
-
+def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path:
+    """Write the toy backbone to `path` unless an up-to-date one is already there (or `force`)."""
     path = Path(path)
-    vocabulary = toy_vocabulary()
-    recipe = toy_recipe(cfg, vocabulary)
+    recipe = toy_recipe(cfg)
     marker = path / MARKER
     if marker.exists():
         old = json.loads(marker.read_text())
-        if old.get("hash") == recipe["hash"]:
+        if old.get("hash") == recipe["hash"] and not force:
             return path
         log.warning("toy backbone at %s was built from another recipe (%s != %s): rebuilding it",
                     path, old.get("hash"), recipe["hash"])
@@ -107,14 +123,13 @@ def ensure_toy_backbone(path: str | Path, cfg: Any) -> Path:
             f"{path} exists and is not a toy backbone (no {MARKER}); refusing to overwrite it. "
             "Set backbone.toy=null to load it as a real model, or choose another backbone.name_or_path."
         )
-    model, tokenizer, image_processor = build_toy_llava(cfg, vocabulary)
+    model, tokenizer, image_processor = build_toy_llava(cfg, *toy_language())
     if getattr(cfg, "pretrain_steps", 0):
         from mmict.backbones.llava import LlavaBackbone
         from mmict.backbones.pretrain_toy import pretrain_toy_backbone
 
-        losses = pretrain_toy_backbone(LlavaBackbone(model, tokenizer, image_processor, str(path)), cfg)
-        recipe["pretrain_loss"] = {"first": losses[0], "last": sum(losses[-20:]) / len(losses[-20:])}
-        log.info("toy backbone pretrained: loss %.3f -> %.3f", losses[0], recipe["pretrain_loss"]["last"])
+        report = pretrain_toy_backbone(LlavaBackbone(model, tokenizer, image_processor, str(path)), cfg)
+        recipe.update(report)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

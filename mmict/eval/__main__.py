@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from mmict.config import config_from_dict
-from mmict.eval.loop import markdown_table
 from mmict.eval.runner import run_eval
 from mmict.modules import METHODS
 
@@ -27,8 +26,8 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     module = METHODS[cfg.method.name](cfg)
     module.load_state_dict(state["state_dict"])
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    rows = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
-    print(markdown_table(rows))
+    rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
+    print(report)
     return rows
 
 

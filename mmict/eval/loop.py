@@ -1,8 +1,8 @@
 """The evaluation loop: a trained module answers downstream queries at several shot counts.
 
-Demos are drawn at random from the demo pool (the train split), seeded per (seed, shots) trial so
-every method sees the same demos for the same query. Zero-shot is the same prompt for every demo
-mode, so it is computed once per seed.
+Demos are drawn from the demo pool (the train split) by the task's selection (`selection.py`), seeded
+per (seed, shots) trial so every method sees the same demos for the same query. Zero-shot is the same
+prompt for every demo mode, so it is computed once per seed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
-from data_modules.toy_world import vqa_demo_text, vqa_prompt
 from mmict.eval.metrics import exact_match, postprocess_vqa
+from mmict.eval.selection import DemoSelector
+from mmict.eval.tasks import Task, get_task
 
 MODE_NAMES = {"none": "zero-shot", "fused": "AIM (fused tokens)", "images": "vanilla ICL (images+text)",
               "text": "text-only demos"}
@@ -33,17 +34,24 @@ class TrialResult:
     num_queries: int
 
 
-def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]]) -> dict:
+def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task) -> dict:
     """The same batch layout the training data uses (`collate_episodes`)."""
     demo_flat = [d for ds in demos for d in ds]
     return {
         "demo_images": torch.stack([d.image for d in demo_flat]) if demo_flat else torch.empty(0),
-        "demo_texts": [vqa_demo_text(d.question, d.answers[0]) for d in demo_flat],
+        "demo_texts": [task.demo_text(d) for d in demo_flat],
         "demo_counts": [len(ds) for ds in demos],
         "query_images": torch.stack([q.image for q in queries]),
-        "query_prompts": [vqa_prompt(q.question) for q in queries],
+        "query_prompts": [task.query_prompt(q) for q in queries],
         "query_targets": [q.answers[0] for q in queries],
     }
+
+
+def chance_rate(queries: Sequence[Example], selector: DemoSelector) -> float | None:
+    """Accuracy of "answer with a demo's word" on an episodic task (1/N for N-way episodes), else None."""
+    if not selector.episodic:
+        return None
+    return sum(1 / selector.classes(q) for q in queries) / len(queries)
 
 
 @torch.no_grad()
@@ -55,23 +63,24 @@ def evaluate(
     shots: Sequence[int],
     seeds: Sequence[int],
     demo_modes: Sequence[str],
+    task: str | Task = "toy_vqa",
     batch_size: int = 32,
     max_new_tokens: int = 4,
     progress: bool = True,
 ) -> list[TrialResult]:
     module.eval()
+    task = get_task(task) if isinstance(task, str) else task
+    selector = DemoSelector(pool, episodic=task.episodic)
     trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else demo_modes)]
     results = []
     bar = tqdm(total=len(trials) * len(queries), desc="eval", unit="query", disable=not progress)
     for seed, k, mode in trials:
-        if k > len(pool):
-            raise ValueError(f"{k} shots asked but the demo pool has only {len(pool)} examples")
         rng = random.Random(f"{seed}-{k}")
-        demos = [rng.sample(list(pool), k) for _ in queries]
+        demos = [selector.select(rng, q, k) for q in queries]
         scores, ctx = [], []
         for start in range(0, len(queries), batch_size):
             q, d = queries[start : start + batch_size], demos[start : start + batch_size]
-            batch = episode_batch(q, d)
+            batch = episode_batch(q, d, task)
             batch = {key: v.to(module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
             assembled = module.backbone.assemble(prompts, padding_side="left")
@@ -100,8 +109,9 @@ def summary_rows(results: Sequence[TrialResult]) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    lines = ["| method | shots | accuracy (%) | context tokens / query | seeds x queries |",
+def markdown_table(rows: Sequence[dict], chance: float | None = None) -> str:
+    lines = [] if chance is None else [f"Chance (answer with a random demo's word): {100 * chance:.1f}%", ""]
+    lines += ["| method | shots | accuracy (%) | context tokens / query | seeds x queries |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         std = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""
@@ -112,3 +122,38 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def as_dicts(results: Sequence[TrialResult]) -> list[dict]:
     return [asdict(r) for r in results]
+
+
+def aim_vs_icl(rows: Sequence[dict]) -> list[dict]:
+    """Per shot count: the share of vanilla ICL's gain over zero-shot that AIM keeps, and the context saved.
+
+    `recovered` = (AIM - zero-shot) / (vanilla ICL - zero-shot), None when ICL gains nothing;
+    `context_ratio` = vanilla ICL's context tokens / AIM's (whole prompt, query included);
+    `demo_context_ratio` = the same for the demonstrations' tokens alone (prompt minus the zero-shot one).
+    """
+    by = {(r["method"], r["shots"]): r for r in rows}
+    zero = by.get((MODE_NAMES["none"], 0))
+    out = []
+    for k in sorted({r["shots"] for r in rows if r["shots"] > 0}):
+        aim, icl = by.get((MODE_NAMES["fused"], k)), by.get((MODE_NAMES["images"], k))
+        if zero is None or aim is None or icl is None:
+            continue
+        gain = icl["accuracy_mean"] - zero["accuracy_mean"]
+        demo_aim = aim["context_tokens"] - zero["context_tokens"]
+        out.append({
+            "shots": k,
+            "recovered": (aim["accuracy_mean"] - zero["accuracy_mean"]) / gain if gain > 0 else None,
+            "context_ratio": icl["context_tokens"] / aim["context_tokens"],
+            "demo_context_ratio": (icl["context_tokens"] - zero["context_tokens"]) / demo_aim if demo_aim > 0 else None,
+        })
+    return out
+
+
+def aim_vs_icl_markdown(comparison: Sequence[dict]) -> str:
+    lines = ["| shots | AIM's share of vanilla ICL's gain over zero-shot | context tokens, ICL / AIM "
+             "| demo tokens, ICL / AIM |", "|---:|---:|---:|---:|"]
+    for c in comparison:
+        rec = "n/a (ICL gains nothing)" if c["recovered"] is None else f"{100 * c['recovered']:.0f}%"
+        demo = "n/a" if c["demo_context_ratio"] is None else f"{c['demo_context_ratio']:.1f}x"
+        lines.append(f"| {c['shots']} | {rec} | {c['context_ratio']:.1f}x | {demo} |")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Downstream tasks: how a query is prompted, how a demo reads, and how demos are drawn for a query.
+
+One entry per task; the evaluation loop and the demo selection read only this table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from data_modules.downstream import Example
+from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
+from data_modules.toy_world import vqa_demo_text, vqa_prompt
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    query_prompt: Callable[[Example], str]
+    demo_text: Callable[[Example], str]
+    # Episodic tasks draw a query's demos from its own episode (`Example.group`), balanced over the
+    # episode's classes; the others draw them from the whole pool.
+    episodic: bool = False
+
+
+TASKS: dict[str, Task] = {
+    "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
+    BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),
+                       episodic=True),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown eval.task {name!r}; known: {sorted(TASKS)}")
+    return TASKS[name]
