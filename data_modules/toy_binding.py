@@ -26,6 +26,10 @@ SYLLABLES: tuple[str, ...] = tuple(c + v for c in CONSONANTS for v in VOWELS)
 BINDING_PROMPT = "this is a"
 BINDING_TASK = "toy_binding"
 ATTRIBUTES = ("shape", "color")
+# What episodes bind words to. Colour only by default: the CPU-sized toy backbone learns to match
+# colours across images within its pretraining budget, but not shapes at random positions (measured:
+# with both, 2-shot accuracy stayed at chance after 3000 pretraining steps; with colour only it rose).
+DEFAULT_ATTRIBUTES: tuple[str, ...] = ("color",)
 POOLS = ("pretrain", "tuning", "eval")
 # Fractions of the word list per pool (pretraining sees the most words, so it learns to copy any word).
 POOL_FRACTIONS = {"pretrain": 0.6, "tuning": 0.2, "eval": 0.2}
@@ -90,9 +94,10 @@ class Episode:
         return BoundImage(shape, color, rng.choice(POSITIONS), self.words[class_index])
 
 
-def sample_episode(rng: random.Random, pool: tuple[str, ...] | list[str], n_way: int = 2) -> Episode:
-    """N classes of a random attribute, each bound to a distinct random word of ``pool``."""
-    attribute = rng.choice(ATTRIBUTES)
+def sample_episode(rng: random.Random, pool: tuple[str, ...] | list[str], n_way: int = 2,
+                   attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES) -> Episode:
+    """N classes of a random attribute (of ``attributes``), each bound to a distinct random word of ``pool``."""
+    attribute = rng.choice(attributes)
     values, others = (SHAPES, COLORS) if attribute == "shape" else (COLORS, SHAPES)
     if not 1 <= n_way <= len(values):
         raise ValueError(f"n_way={n_way} must be in 1..{len(values)}")

@@ -271,7 +271,10 @@ def make_vqa_example(rng: random.Random, example_id: str, image_size: int = 32) 
 
 
 def _recipe_hash(recipe: dict) -> str:
-    payload = json.dumps({"recipe_version": RECIPE_VERSION, "recipe": recipe}, sort_keys=True)
+    from .toy_binding import DEFAULT_ATTRIBUTES
+
+    payload = json.dumps({"recipe_version": RECIPE_VERSION, "recipe": recipe,
+                          "binding_attributes": DEFAULT_ATTRIBUTES}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

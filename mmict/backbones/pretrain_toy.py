@@ -60,6 +60,7 @@ def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), mo
     """Binding accuracy on held-out (eval pool) words: {demo mode: {shots: accuracy}}; mode "none" at 0."""
     from data_modules.toy_binding import BINDING_PROMPT, balanced_classes, binding_text, sample_episode, word_pools
     from data_modules.toy_pretrain import ImageBank
+    from mmict.eval.tasks import first_word
 
     bank = ImageBank(backbone.image_transform, image_size, seed=seed + 1)
     pool = word_pools()["eval"]
@@ -80,7 +81,7 @@ def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), mo
                                                 demo_texts=[binding_text(d.word) for d in demos]))
                     answers.append(query.word)
                 outputs = backbone.generate(prompts, max_new_tokens=3)
-                correct += sum(o.strip() == a for o, a in zip(outputs, answers))
+                correct += sum(first_word(o) == a for o, a in zip(outputs, answers))
             results.setdefault(mode, {})[k] = correct / episodes
     return results
 
@@ -101,6 +102,7 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True) -
 
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=cfg.pretrain_steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=progress,
+                        gradient_clip_val=1.0,
                         limit_val_batches=0, callbacks=[_Record()], enable_model_summary=False)
     log.info("pretraining the toy backbone for %d steps (%d of word lists first); cached after",
              cfg.pretrain_steps, cfg.pretrain_text_steps)

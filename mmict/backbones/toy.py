@@ -95,14 +95,14 @@ def toy_language() -> tuple[list[str], list[str]]:
 
 def toy_recipe(cfg: Any) -> dict:
     """The fields that determine the toy backbone (architecture, language, pretraining) and their hash."""
-    from data_modules.toy_binding import word_pools
+    from data_modules.toy_binding import DEFAULT_ATTRIBUTES, word_pools
 
     keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
     fields = {k: getattr(cfg, k) for k in keys}
     words, pieces = toy_language()
     pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
     blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,
-                       "version": RECIPE_VERSION}, sort_keys=True)
+                       "binding_attributes": DEFAULT_ATTRIBUTES, "version": RECIPE_VERSION}, sort_keys=True)
     return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
 

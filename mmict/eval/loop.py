@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
-from mmict.eval.metrics import exact_match, postprocess_vqa
+from mmict.eval.metrics import exact_match
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import Task, get_task
 
@@ -86,7 +86,7 @@ def evaluate(
             assembled = module.backbone.assemble(prompts, padding_side="left")
             ctx += assembled.context_tokens.tolist()
             outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens)
-            scores += [exact_match(postprocess_vqa(o), ex.answers) for o, ex in zip(outputs, q)]
+            scores += [exact_match(task.postprocess(o), ex.answers) for o, ex in zip(outputs, q)]
             bar.update(len(q))
         results.append(TrialResult(mode, k, seed, sum(scores) / len(scores), sum(ctx) / len(ctx), len(scores)))
     bar.close()

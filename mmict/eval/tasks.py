@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from data_modules.downstream import Example
 from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
 from data_modules.toy_world import vqa_demo_text, vqa_prompt
+from mmict.eval.metrics import postprocess_vqa
 
 
 @dataclass(frozen=True)
@@ -18,15 +19,23 @@ class Task:
     name: str
     query_prompt: Callable[[Example], str]
     demo_text: Callable[[Example], str]
+    # Generation -> the answer that is scored.
+    postprocess: Callable[[str], str] = postprocess_vqa
     # Episodic tasks draw a query's demos from its own episode (`Example.group`), balanced over the
     # episode's classes; the others draw them from the whole pool.
     episodic: bool = False
 
 
+def first_word(generation: str) -> str:
+    """A one-word answer: what follows it (the next demo's text, as pretraining documents go on) is cut."""
+    words = generation.split()
+    return words[0] if words else ""
+
+
 TASKS: dict[str, Task] = {
     "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
     BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),
-                       episodic=True),
+                       postprocess=first_word, episodic=True),
 }
 
 
