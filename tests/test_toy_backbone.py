@@ -50,7 +50,7 @@ def test_tokenizer_splits_nonsense_words_into_syllables_and_back(tiny_backbone):
 
 @pytest.mark.slow
 def test_pretraining_lowers_loss_trains_lm_not_vision_and_records_probe(tmp_path):
-    cfg = SimpleNamespace(**TINY_TOY, pretrain_steps=60, pretrain_text_steps=20, pretrain_batch_size=8,
+    cfg = SimpleNamespace(**TINY_TOY, pretrain_steps=80, pretrain_text_steps=0, pretrain_batch_size=8,
                           pretrain_lr=3e-3)
     path = ensure_toy_backbone(tmp_path / "bb", cfg)
     recipe = json.loads((path / MARKER).read_text())
