@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset
 
 from mmict.segments import Image, Prompt, Text
 
-from .toy_binding import episode_document, word_pools
+from .toy_binding import binding_text, episode_document, word_pools
 from .toy_world import COLORS, POSITIONS, QUESTIONS, SHAPES, answer_for, caption, draw_shape, vqa_demo_text
 
 # Document mix after the word-list warm-up (fractions of a batch).
@@ -69,8 +69,6 @@ def caption_document(rng: random.Random, bank: ImageBank) -> Prompt:
 
 
 def binding_document(rng: random.Random, bank: ImageBank, pool: tuple[str, ...], n_way: int) -> Prompt:
-    from .toy_binding import binding_text
-
     pairs = episode_document(rng, pool, k=rng.randint(1, MAX_SHOTS), n_way=n_way)
     return _document([(bank.draw(rng, p.shape, p.color, p.position), binding_text(p.word)) for p in pairs])
 
