@@ -34,7 +34,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump when the generated data changes for the same arguments, so that old worlds get rewritten.
-RECIPE_VERSION = 2  # 2: binding episodes in the web corpus, the binding task
+RECIPE_VERSION = 3  # 2: binding episodes in the web corpus, the binding task; 3: per-episode RNGs
 
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -234,25 +234,30 @@ def make_binding_document(
     return {"doc_id": doc_id, "url": f"toy://{doc_id}", "text_list": texts, "image_info": infos}
 
 
-def binding_examples(rng: random.Random, episode_index: int, pool_per_class: int, queries: int,
-                     n_way: int, image_size: int = 32) -> tuple[list[tuple[dict, bytes]], list[tuple[dict, bytes]]]:
-    """One evaluation episode over the eval word pool: (demo pool examples, query examples)."""
+def binding_examples(seed: int, episode_index: int, split: str, *, pool_per_class: int, queries: int,
+                     n_way: int, image_size: int = 32) -> list[tuple[dict, bytes]]:
+    """One evaluation episode over the eval word pool: its demo pool (``split="train"``) or its queries.
+
+    The episode (classes and words) comes from an RNG of (seed, episode) alone, so both splits agree on
+    it while each split draws, and renders, only its own images.
+    """
     from .toy_binding import BINDING_PROMPT, BINDING_TASK, sample_episode, word_pools
 
-    episode = sample_episode(rng, word_pools()["eval"], n_way)
+    episode = sample_episode(random.Random(f"toy-world/{seed}/binding/{episode_index}"), word_pools()["eval"], n_way)
+    rng = random.Random(f"toy-world/{seed}/binding/{episode_index}/{split}")
     name = f"ep{episode_index:05d}"
 
-    def example(split: str, i: int, class_index: int) -> tuple[dict, bytes]:
+    def example(tag: str, i: int, class_index: int) -> tuple[dict, bytes]:
         bound = episode.image(class_index, rng)
-        key = f"{name}_{split}{i:03d}"
+        key = f"{name}_{tag}{i:03d}"
         meta = {"id": key, "task": BINDING_TASK, "episode": name, "prompt": BINDING_PROMPT,
                 "answers": [bound.word], "attribute": episode.attribute, "class": episode.classes[class_index]}
         image = draw_shape(bound.shape, bound.color, bound.position, size=image_size, rng=rng)
         return meta, _jpeg_bytes(image)
 
-    demos = [example("d", c * pool_per_class + i, c) for c in range(n_way) for i in range(pool_per_class)]
-    asked = [example("q", i, rng.randrange(n_way)) for i in range(queries)]
-    return demos, asked
+    if split == "train":
+        return [example("d", c * pool_per_class + i, c) for c in range(n_way) for i in range(pool_per_class)]
+    return [example("q", i, rng.randrange(n_way)) for i in range(queries)]
 
 
 def make_vqa_example(rng: random.Random, example_id: str, image_size: int = 32) -> tuple[dict, bytes]:
@@ -308,13 +313,11 @@ def toy_world_exists(root: str | Path) -> bool:
 
 
 def _binding_samples(split: str, recipe: dict) -> Iterator[dict]:
-    # Both binding splits come from one RNG stream, so an episode's demos and queries share its words.
-    rng = random.Random(f"toy-world/{recipe['seed']}/binding")
     for e in range(recipe["binding_episodes"]):
-        demos, queries = binding_examples(rng, e, recipe["binding_pool_per_class"],
-                                          recipe["binding_queries_per_episode"], recipe["n_way"],
-                                          recipe["image_size"])
-        for meta, jpg in demos if split == "binding/train" else queries:
+        for meta, jpg in binding_examples(recipe["seed"], e, split.split("/")[1],
+                                          pool_per_class=recipe["binding_pool_per_class"],
+                                          queries=recipe["binding_queries_per_episode"], n_way=recipe["n_way"],
+                                          image_size=recipe["image_size"]):
             yield {"__key__": meta["id"], "jpg": jpg, "json": json.dumps(meta).encode()}
 
 

@@ -108,8 +108,9 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True) -
              cfg.pretrain_steps, cfg.pretrain_text_steps)
     trainer.fit(module, train_dataloaders=loader)
     backbone.freeze()
-    probe = probe_binding(backbone, image_size=cfg.image_size, seed=cfg.seed)
-    chance = 1 / 2
+    n_way = 2
+    probe = probe_binding(backbone, n_way=n_way, image_size=cfg.image_size, seed=cfg.seed)
+    chance = 1 / n_way
     log.info("toy backbone binding probe on held-out words (chance %.0f%% from 1 shot): %s", 100 * chance,
              {m: {k: f"{100 * v:.0f}%" for k, v in r.items()} for m, r in probe.items()})
     if max(probe["images"].get(k, 0.0) for k in probe["images"]) <= chance + 0.1:
