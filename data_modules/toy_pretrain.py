@@ -73,6 +73,14 @@ def binding_document(rng: random.Random, bank: ImageBank, pool: tuple[str, ...],
     return _document([(bank.draw(rng, p.shape, p.color, p.position), binding_text(p.word)) for p in pairs])
 
 
+def recall_document(rng: random.Random, pool: tuple[str, ...], n_way: int) -> Prompt:
+    """A binding episode keyed by colour *words* instead of images: "red this is a dapo blue this is a kire
+    red this is a" -> "dapo". It teaches the match-the-key-then-copy circuit on keys the model reads for
+    free; captions teach it to read the same colour from an image."""
+    pairs = episode_document(rng, pool, k=rng.randint(1, MAX_SHOTS), n_way=n_way)
+    return [Text(" ".join(f"{p.color} {binding_text(p.word)}" for p in pairs), target=True)]
+
+
 def word_list_document(rng: random.Random, pool: tuple[str, ...]) -> Prompt:
     words = rng.sample(pool, rng.randint(2, 6))
     words += [rng.choice(words) for _ in range(rng.randint(4, 10))]
@@ -83,16 +91,17 @@ class ToyPretrainStream(IterableDataset):
     """Endless batches (lists of prompts) of pretraining documents; the first ``text_steps`` are word lists."""
 
     def __init__(self, image_transform: Callable, *, batch_size: int, text_steps: int, image_size: int = 32,
-                 n_way: int = 2, seed: int = 0) -> None:
+                 n_way: int = 2, seed: int = 0, mix: dict[str, float] | None = None) -> None:
         super().__init__()
         self.image_transform, self.image_size = image_transform, image_size
         self.batch_size, self.text_steps, self.n_way, self.seed = batch_size, text_steps, n_way, seed
         self.pool = word_pools()["pretrain"]
+        self.mix = dict(mix or MIX)
 
     def __iter__(self) -> Iterator[list[Prompt]]:
         bank = ImageBank(self.image_transform, self.image_size, seed=self.seed)
         rng = random.Random(f"toy-pretrain/{self.seed}")
-        kinds, weights = list(MIX), list(MIX.values())
+        kinds, weights = list(self.mix), list(self.mix.values())
         step = 0
         while True:
             batch = []
@@ -102,6 +111,8 @@ class ToyPretrainStream(IterableDataset):
                     batch.append(caption_document(rng, bank))
                 elif kind == "binding":
                     batch.append(binding_document(rng, bank, self.pool, self.n_way))
+                elif kind == "recall":
+                    batch.append(recall_document(rng, self.pool, self.n_way))
                 else:
                     batch.append(word_list_document(rng, self.pool))
             step += 1

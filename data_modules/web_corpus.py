@@ -138,20 +138,18 @@ def make_episode(window: list[Pair], image_transform: ImageTransform) -> dict:
 
 
 def collate_episodes(episodes: list[dict]) -> dict:
-    """Batch episodes; demonstrations are flattened in episode order, ``demo_counts`` splits them back."""
+    """Batch episodes; demonstrations are flattened in episode order, ``demo_counts`` splits them back.
+
+    Images stay lists of per-image inputs (not stacked): families with dynamic resolution (Qwen2-VL,
+    LLaVA-NeXT tiles, Idefics crops) give images of different sizes; the backbone batches them.
+    """
     if not episodes:
         raise ValueError("collate_episodes needs at least one episode")
-    query_images = torch.stack([episode["query_image"] for episode in episodes])
-    demo_list = [image for episode in episodes for image in episode["demo_images"]]
-    if demo_list:
-        demo_images = torch.stack(demo_list)
-    else:
-        demo_images = query_images.new_zeros((0, *query_images.shape[1:]))
     return {
-        "demo_images": demo_images,
+        "demo_images": [image for episode in episodes for image in episode["demo_images"]],
         "demo_texts": [text for episode in episodes for text in episode["demo_texts"]],
         "demo_counts": [len(episode["demo_images"]) for episode in episodes],
-        "query_images": query_images,
+        "query_images": [episode["query_image"] for episode in episodes],
         "query_prompts": [episode["query_prompt"] for episode in episodes],
         "query_targets": [episode["query_target"] for episode in episodes],
         # Runs in the worker that decoded these episodes: hand its skip counts to the main process.

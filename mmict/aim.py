@@ -8,11 +8,13 @@ demo (image tokens included) in the query prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from mmict.backbones.base import Backbone
-from mmict.segments import Image, Text
+from mmict.segments import Image, Pixels, Text
 
 
 class FusedTokenProjector(nn.Module):
@@ -41,7 +43,7 @@ class DemoReader:
     """
 
     def __init__(self, backbone: Backbone, layer: int = -1, final_norm: bool = True) -> None:
-        n_states = backbone.model.config.text_config.num_hidden_layers + 1
+        n_states = backbone.num_layers + 1
         if not -n_states <= layer < n_states:
             raise ValueError(
                 f"method.aim.layer={layer} is out of range for a {n_states - 1}-layer LM "
@@ -53,8 +55,8 @@ class DemoReader:
         self.final_norm = final_norm
 
     @torch.no_grad()
-    def read(self, images: torch.Tensor, texts: list[str]) -> list[torch.Tensor]:
-        """(N, C, H, W) images and N texts -> N tensors (n_text_tokens_i, d)."""
+    def read(self, images: Sequence[Pixels], texts: list[str]) -> list[torch.Tensor]:
+        """N preprocessed images and N texts -> N tensors (n_text_tokens_i, d)."""
         if len(texts) == 0:
             return []
         prompts = [[Image(img), Text(text)] for img, text in zip(images, texts)]

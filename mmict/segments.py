@@ -31,11 +31,17 @@ class Text:
         return self.target if self.eos is None else self.eos
 
 
+# One image as the backbone's `image_transform` makes it: a (C, H, W) tensor for fixed-resolution
+# families (LLaVA-1.5, BLIP-2), or a dict of the processor's per-image outputs where the image carries
+# more than pixels (LLaVA-NeXT tiles + image size, Qwen2-VL patches + grid, Idefics crops + mask).
+Pixels = torch.Tensor | dict[str, torch.Tensor]
+
+
 @dataclass(frozen=True)
 class Image:
-    """Pixels as the backbone's image processor makes them: (C, H, W)."""
+    """One image, preprocessed by the backbone (`backbone.image_transform`)."""
 
-    pixels: torch.Tensor
+    pixels: Pixels
 
 
 @dataclass(frozen=True)

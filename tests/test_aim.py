@@ -22,11 +22,11 @@ def pixels(backbone, color):
 def episode_batch(backbone):
     red, blue = pixels(backbone, (220, 20, 20)), pixels(backbone, (20, 20, 220))
     return {
-        "demo_images": torch.stack([red, blue, blue]),
+        "demo_images": [red, blue, blue],
         "demo_texts": ["a red circle on the left .", "Question: what color is the shape? Short answer: blue",
                        "a blue square ."],
         "demo_counts": [2, 1, 0],
-        "query_images": torch.stack([red, blue, red]),
+        "query_images": [red, blue, red],
         "query_prompts": ["Question: what color is the shape? Short answer:", "", "a red"],
         "query_targets": ["red", "a blue square in the center .", "circle"],
         "skipped": {},

@@ -202,10 +202,11 @@ def test_missing_shards_name_the_build_command(tmp_path: Path) -> None:
 def _check_batch(batch: dict, batch_size: int, min_shots: int, max_shots: int) -> None:
     counts = batch["demo_counts"]
     assert len(counts) == batch_size == len(batch["query_targets"]) == len(batch["query_prompts"])
-    assert sum(counts) == len(batch["demo_texts"]) == batch["demo_images"].shape[0]
+    assert sum(counts) == len(batch["demo_texts"]) == len(batch["demo_images"])
     assert all(min_shots <= k <= max_shots for k in counts)
-    assert batch["demo_images"].shape[1:] == (3, 32, 32) and batch["demo_images"].dtype == torch.float32
-    assert batch["query_images"].shape == (batch_size, 3, 32, 32)
+    images = batch["demo_images"] + batch["query_images"]
+    assert all(img.shape == (3, 32, 32) and img.dtype == torch.float32 for img in images)
+    assert len(batch["query_images"]) == batch_size
     assert all(prompt == "" for prompt in batch["query_prompts"]) and all(batch["query_targets"])
     assert isinstance(batch["skipped"], dict)
 
@@ -265,9 +266,8 @@ def test_val_is_deterministic_and_capped(toy_root: Path) -> None:
     assert len(first) == len(second)
     for a, b in zip(first, second):
         assert a["query_targets"] == b["query_targets"] and a["demo_texts"] == b["demo_texts"]
-        assert torch.equal(a["demo_images"], b["demo_images"]) and torch.equal(
-            a["query_images"], b["query_images"]
-        )
+        assert all(torch.equal(x, y) for x, y in zip(a["demo_images"] + a["query_images"],
+                                                     b["demo_images"] + b["query_images"], strict=True))
         # k is the largest the document allows.
         assert all(1 <= k <= 3 for k in a["demo_counts"])
     assert 3 in {k for b in first for k in b["demo_counts"]}
@@ -287,8 +287,8 @@ def test_val_is_deterministic_and_capped(toy_root: Path) -> None:
         batches = list(capped.val_dataloader())
         assert [len(b["query_targets"]) for b in batches] == [5, 2]
         last = batches[-1]
-        assert sum(last["demo_counts"]) == len(last["demo_texts"]) == last["demo_images"].shape[0]
-        assert last["query_images"].shape[0] == 2
+        assert sum(last["demo_counts"]) == len(last["demo_texts"]) == len(last["demo_images"])
+        assert len(last["query_images"]) == 2
 
 
 def _doc(texts: list[str], images: list[str]) -> dict:
@@ -379,8 +379,8 @@ def test_collate_without_demos() -> None:
     }
     record_skip("json does not parse", 2)
     batch = collate_episodes([episode, episode])
-    assert batch["demo_images"].shape == (0, 3, 8, 8) and batch["demo_counts"] == [0, 0]
-    assert batch["query_images"].shape == (2, 3, 8, 8)
+    assert batch["demo_images"] == [] and batch["demo_counts"] == [0, 0]
+    assert [img.shape for img in batch["query_images"]] == [(3, 8, 8)] * 2
     assert batch["skipped"] == {"json does not parse": 2} and drain_skips() == {}
 
 
@@ -399,7 +399,7 @@ def test_lightning_fit_runs_epochs_of_epoch_size(toy_root: Path) -> None:
 
         def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
             self.seen.append(len(batch["query_targets"]))
-            return (self.weight - batch["query_images"].mean()) ** 2
+            return (self.weight - torch.stack(batch["query_images"]).mean()) ** 2
 
         def validation_step(self, batch: dict, batch_idx: int) -> None:
             self.seen.append(-len(batch["query_targets"]))

@@ -38,7 +38,7 @@ def test_assembly_layout_right_padding(tiny_backbone, pixels):
     table = bb.model.get_input_embeddings().weight
     torch.testing.assert_close(out.inputs_embeds[0, 0], table[bb.bos_token_id])
     # image positions hold the projected vision features
-    torch.testing.assert_close(out.inputs_embeds[0, 4 : 4 + n_img], bb.embed_images(pixels[None])[0])
+    torch.testing.assert_close(out.inputs_embeds[0, 4 : 4 + n_img], bb.embed_images([pixels])[0])
     # labels: only the target and its EOS
     red = bb.tokenize(["red"])[0]
     assert out.labels[0, -2:].tolist() == red + [bb.eos_token_id]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from mmict.segments import Embeds, Image, Prompt, Text
+from mmict.segments import Embeds, Image, Pixels, Prompt, Segment, Text
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (transformers' convention)
 
@@ -30,7 +30,7 @@ class Assembled:
 
     inputs_embeds: torch.Tensor  # (B, L, D)
     attention_mask: torch.Tensor  # (B, L), 1 = real token
-    position_ids: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L); (4, B, L) for Qwen2-VL's multimodal rotary positions
     labels: torch.Tensor  # (B, L), IGNORE_INDEX outside target segments; not shifted
     spans: list[list[tuple[int, int]]]
 
@@ -41,16 +41,20 @@ class Assembled:
 
 
 class ImageTransform:
-    """PIL image -> pixel tensor with the backbone's own image processor.
+    """PIL image -> one image's model inputs, with the backbone's own image processor.
 
-    A small picklable object (unlike a bound method of the backbone) so DataLoader workers can run it.
+    Returns the (C, H, W) pixel tensor when the processor gives only pixels, else a dict of this
+    image's share of every tensor output (e.g. LLaVA-NeXT's tiles and `image_sizes`). A small picklable
+    object (unlike a bound method of the backbone) so DataLoader workers can run it.
     """
 
     def __init__(self, image_processor: Any) -> None:
         self.image_processor = image_processor
 
-    def __call__(self, image: PILImage.Image) -> torch.Tensor:
-        return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+    def __call__(self, image: PILImage.Image) -> Pixels:
+        out = self.image_processor(images=image.convert("RGB"), return_tensors="pt")
+        tensors = {k: v[0] for k, v in out.items() if torch.is_tensor(v)}
+        return tensors["pixel_values"] if list(tensors) == ["pixel_values"] else tensors
 
 
 class Backbone(nn.Module):
@@ -73,7 +77,13 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model (hidden states come as num_layers + 1)."""
+        raise NotImplementedError
+
+    @property
     def image_tokens_per_image(self) -> int:
+        """Positions one image takes in the prompt (for dynamic-resolution families: at the default size)."""
         raise NotImplementedError
 
     @property
@@ -84,9 +94,19 @@ class Backbone(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, image_tokens_per_image, D) in the LM's input space."""
+    def embed_images(self, images: list[Pixels]) -> list[torch.Tensor]:
+        """Preprocessed images -> one (n_i, D) tensor each in the LM's input space: everything the
+        model's processor puts in a prompt for an image (its wrapper tokens, e.g. Qwen2-VL's
+        <|vision_start|>, included). Tensors arrive on the model's device and dtype."""
         raise NotImplementedError
+
+    def position_ids(self, attention_mask: torch.Tensor, layouts: list[list[tuple[Segment, int]]]) -> torch.Tensor:
+        """Position ids for a padded batch; `layouts[b]` lists prompt b's segments with their lengths.
+
+        Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded.
+        Families with multimodal positions (Qwen2-VL's M-RoPE) override this.
+        """
+        return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM's final normalisation (applied to a non-final layer's hidden states on request)."""
@@ -161,8 +181,10 @@ class Backbone(nn.Module):
         rows_embeds: list[torch.Tensor] = []
         rows_labels: list[torch.Tensor] = []
         rows_spans: list[list[tuple[int, int]]] = []
+        layouts: list[list[tuple[Segment, int]]] = []
         for b, prompt in enumerate(prompts):
             parts, labels, spans = [bos_embeds[b]], [torch.full((len(bos),), IGNORE_INDEX)], []
+            layout: list[tuple[Segment, int]] = [(Text(""), len(bos))] if bos else []
             cursor = len(bos)
             for seg in prompt:
                 if isinstance(seg, Text):
@@ -184,29 +206,51 @@ class Backbone(nn.Module):
                 parts.append(emb)
                 labels.append(lab.long())
                 spans.append((cursor, cursor + emb.shape[0]))
+                layout.append((seg, emb.shape[0]))
                 cursor += emb.shape[0]
             rows_embeds.append(torch.cat(parts, dim=0))
             rows_labels.append(torch.cat(labels))
             rows_spans.append(spans)
-        return self._pad(rows_embeds, rows_labels, rows_spans, padding_side)
+            layouts.append(layout)
+        return self._pad(rows_embeds, rows_labels, rows_spans, layouts, padding_side)
 
-    def _embed_image_list(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _embed_image_list(self, images: list[Pixels]) -> list[torch.Tensor]:
         if not images:
             return []
-        shapes = {tuple(img.shape) for img in images}
+        moved = [self._to_model(img) for img in images]
+        embeds = self.embed_images(moved)
+        if len(embeds) != len(images):
+            raise RuntimeError(f"{type(self).__name__}.embed_images returned {len(embeds)} for {len(images)} images")
+        return embeds
+
+    def _to_model(self, pixels: Pixels) -> Pixels:
+        """Floating tensors to the model's device and dtype; integer ones (sizes, grids) to its device."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+        if isinstance(pixels, dict):
+            return {k: move(v) for k, v in pixels.items()}
+        if not torch.is_tensor(pixels):
+            raise TypeError(f"an Image segment holds {type(pixels).__name__}; preprocess images with "
+                            "backbone.image_transform")
+        return move(pixels)
+
+    @staticmethod
+    def stack_same_shape(tensors: list[torch.Tensor], what: str = "images") -> torch.Tensor:
+        shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ValueError(
-                f"images in one batch must share a shape after preprocessing, got {sorted(shapes)}; "
+                f"{what} in one batch must share a shape after preprocessing, got {sorted(shapes)}; "
                 "preprocess them with backbone.image_transform"
             )
-        pixels = torch.stack(images).to(device=self.device, dtype=self.dtype)
-        return list(self.embed_images(pixels))
+        return torch.stack(tensors)
 
     def _pad(
         self,
         rows_embeds: list[torch.Tensor],
         rows_labels: list[torch.Tensor],
         rows_spans: list[list[tuple[int, int]]],
+        layouts: list[list[tuple[Segment, int]]],
         padding_side: str,
     ) -> Assembled:
         batch, length = len(rows_embeds), max(r.shape[0] for r in rows_embeds)
@@ -221,9 +265,7 @@ class Backbone(nn.Module):
             mask[b, start : start + n] = 1
             labels[b, start : start + n] = lab.to(embeds.device)
             spans.append([(s + start, e + start) for s, e in sp])
-        # Positions count real tokens only, so a left-padded prompt gets the same positions as unpadded.
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        return Assembled(embeds, mask, position_ids, labels, spans)
+        return Assembled(embeds, mask, self.position_ids(mask, layouts), labels, spans)
 
     # ---- running the frozen model -------------------------------------------------------------
     def forward(self, batch: Assembled, output_hidden_states: bool = False, with_loss: bool = False) -> Any:
@@ -248,6 +290,7 @@ class Backbone(nn.Module):
         out = self.model.generate(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,  # generate extends them by one per new token
             max_new_tokens=max_new_tokens,
             do_sample=generate_kwargs.pop("do_sample", False),
             pad_token_id=self.pad_token_id,

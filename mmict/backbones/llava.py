@@ -20,6 +20,10 @@ class LlavaBackbone(Backbone):
         return self._config.text_config.hidden_size
 
     @property
+    def num_layers(self) -> int:
+        return self._config.text_config.num_hidden_layers
+
+    @property
     def image_tokens_per_image(self) -> int:
         vision = self._config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
@@ -30,14 +34,14 @@ class LlavaBackbone(Backbone):
     def decoder_layer_cls(self) -> type[nn.Module]:
         return type(self.model.model.language_model.layers[0])
 
-    def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def embed_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         out = self.model.get_image_features(
-            pixel_values=pixels,
+            pixel_values=self.stack_same_shape(images),
             vision_feature_layer=self._config.vision_feature_layer,
             vision_feature_select_strategy=self._config.vision_feature_select_strategy,
             return_dict=True,
         )
-        return torch.stack(list(out.pooler_output))
+        return list(out.pooler_output)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.language_model.norm(hidden)

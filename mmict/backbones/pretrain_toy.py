@@ -86,12 +86,13 @@ def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), mo
     return results
 
 
-def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True) -> dict:
+def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, mix: dict | None = None) -> dict:
     """Train `backbone` in place; returns a report (loss curve ends, the binding probe) for its marker."""
     from data_modules.toy_pretrain import ToyPretrainStream
 
     stream = ToyPretrainStream(backbone.image_transform, batch_size=cfg.pretrain_batch_size,
-                               text_steps=cfg.pretrain_text_steps, image_size=cfg.image_size, seed=cfg.seed)
+                               text_steps=cfg.pretrain_text_steps, image_size=cfg.image_size, seed=cfg.seed,
+                               mix=mix)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=lambda batch: batch)
     module = ToyPretrainModule(backbone, cfg.pretrain_lr, cfg.pretrain_steps)
     losses: list[float] = []

@@ -38,10 +38,10 @@ def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]]
     """The same batch layout the training data uses (`collate_episodes`)."""
     demo_flat = [d for ds in demos for d in ds]
     return {
-        "demo_images": torch.stack([d.image for d in demo_flat]) if demo_flat else torch.empty(0),
+        "demo_images": [d.image for d in demo_flat],
         "demo_texts": [task.demo_text(d) for d in demo_flat],
         "demo_counts": [len(ds) for ds in demos],
-        "query_images": torch.stack([q.image for q in queries]),
+        "query_images": [q.image for q in queries],
         "query_prompts": [task.query_prompt(q) for q in queries],
         "query_targets": [q.answers[0] for q in queries],
     }
