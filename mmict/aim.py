@@ -61,8 +61,7 @@ class DemoReader:
             return []
         prompts = [[Image(img), Text(text)] for img, text in zip(images, texts)]
         batch = self.backbone.assemble(prompts, padding_side="right")
-        out = self.backbone(batch, output_hidden_states=True)
-        hidden = out.hidden_states[self.layer]
+        hidden = self.backbone.hidden_states(batch)[self.layer]
         # transformers' last hidden state already has the final norm; earlier layers get it on request.
         if not self.is_final and self.final_norm:
             hidden = self.backbone.final_norm(hidden)

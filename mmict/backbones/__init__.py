@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from mmict.backbones.base import IGNORE_INDEX, Assembled, Backbone, ImageTransform
-from mmict.backbones.llava import LlavaBackbone
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, tuple[type[Backbone], str]] = {
-    # family -> (adapter, transformers model class name)
-    "llava": (LlavaBackbone, "LlavaForConditionalGeneration"),
+# family -> "module:adapter class"; imported on use, so one family's import cost is not everyone's.
+# Each adapter names its transformers model class (`model_class`).
+FAMILIES: dict[str, str] = {
+    "llava": "mmict.backbones.llava:LlavaBackbone",
+    "llava_next": "mmict.backbones.llava_next:LlavaNextBackbone",
+    "qwen2_vl": "mmict.backbones.qwen2_vl:Qwen2VLBackbone",
+    "qwen2_5_vl": "mmict.backbones.qwen2_vl:Qwen2_5_VLBackbone",
+    "idefics2": "mmict.backbones.idefics:Idefics2Backbone",
+    "idefics3": "mmict.backbones.idefics:Idefics3Backbone",
+    "blip2": "mmict.backbones.blip2:Blip2Backbone",  # OPT (decoder-only) or Flan-T5 (encoder-decoder)
 }
+
+
+def adapter_class(family: str) -> type[Backbone]:
+    """The adapter class of a family name, with the nearest name suggested for a typo."""
+    if family not in FAMILIES:
+        near = difflib.get_close_matches(family, FAMILIES, n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ValueError(f"unsupported backbone family '{family}'; supported: {sorted(FAMILIES)}.{hint}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -27,13 +44,10 @@ def load_backbone(family: str, name_or_path: str, dtype: str = "float32") -> Bac
     import torch
     import transformers
 
-    if family not in FAMILIES:
-        near = difflib.get_close_matches(family, FAMILIES, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ValueError(f"unsupported backbone family '{family}'; supported: {sorted(FAMILIES)}.{hint}")
+    adapter = adapter_class(family)
     if dtype not in DTYPES:
         raise ValueError(f"unsupported backbone.dtype '{dtype}'; use one of {sorted(set(DTYPES.values()))}")
-    adapter, model_cls_name = FAMILIES[family]
+    model_cls_name = adapter.model_class
     model_cls = getattr(transformers, model_cls_name)
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().exists():
@@ -43,8 +57,7 @@ def load_backbone(family: str, name_or_path: str, dtype: str = "float32") -> Bac
         )
     try:
         model = model_cls.from_pretrained(name_or_path, dtype=getattr(torch, DTYPES[dtype]))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        image_processor = transformers.AutoImageProcessor.from_pretrained(name_or_path)
+        tokenizer, image_processor = adapter.load_processors(name_or_path)
     except OSError as err:
         offline = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if os.environ.get(
             "HF_HUB_OFFLINE") else ""
@@ -69,5 +82,5 @@ def build_backbone(cfg: Any) -> Backbone:
     return load_backbone(cfg.family, cfg.name_or_path, cfg.dtype)
 
 
-__all__ = ["IGNORE_INDEX", "Assembled", "Backbone", "ImageTransform", "FAMILIES", "build_backbone",
-           "load_backbone"]
+__all__ = ["IGNORE_INDEX", "Assembled", "Backbone", "ImageTransform", "FAMILIES", "adapter_class",
+           "build_backbone", "load_backbone"]

@@ -61,6 +61,17 @@ class Backbone(nn.Module):
     """A frozen multimodal LLM. Subclasses implement the family-specific hooks below."""
 
     family: str = "base"
+    model_class: str = ""  # the transformers class the frozen model loads as
+    # Linear layers of the language model that LoRA adapts (the fine-tuning baseline), per family.
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @classmethod
+    def load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
+        """(tokenizer, image processor) saved with the model."""
+        import transformers
+
+        return (transformers.AutoTokenizer.from_pretrained(name_or_path),
+                transformers.AutoImageProcessor.from_pretrained(name_or_path))
 
     def __init__(self, model: nn.Module, tokenizer: Any, image_processor: Any, name_or_path: str) -> None:
         super().__init__()
@@ -279,6 +290,14 @@ class Backbone(nn.Module):
             output_hidden_states=output_hidden_states,
             use_cache=False,
         )
+
+    def hidden_states(self, batch: Assembled) -> tuple[torch.Tensor, ...]:
+        """Per-layer hidden states (embeddings first, last layer final-normed) at `batch`'s positions.
+
+        What AIM reads at demo text positions. Encoder-decoder families return their encoder's states
+        (the segments go to the encoder).
+        """
+        return self(batch, output_hidden_states=True).hidden_states
 
     def generate(self, prompts: list[Prompt], max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
         """Greedy (by default) batched generation from segments, left padded, with the KV cache."""

@@ -10,6 +10,7 @@ from mmict.backbones.base import Backbone
 
 class LlavaBackbone(Backbone):
     family = "llava"
+    model_class = "LlavaForConditionalGeneration"
 
     @property
     def _config(self):
