@@ -64,6 +64,7 @@ class Backbone(nn.Module):
     model_class: str = ""  # the transformers class the frozen model loads as
     # Linear layers of the language model that LoRA adapts (the fine-tuning baseline), per family.
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    image_transform_class: type[ImageTransform] = ImageTransform  # a family may slice processor outputs its way
 
     @classmethod
     def load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
@@ -79,7 +80,7 @@ class Backbone(nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.name_or_path = name_or_path
-        self.image_transform = ImageTransform(image_processor)
+        self.image_transform = self.image_transform_class(image_processor)
         self.freeze()
 
     # ---- family hooks -------------------------------------------------------------------------
