@@ -63,7 +63,7 @@ __all__ = [
 EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent / "experiments"
 
 # Methods the training entry point knows how to build. Extend this when a new LightningModule lands.
-METHODS: tuple[str, ...] = ("aim",)
+METHODS: tuple[str, ...] = ("aim", "finetune")
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # mmict.prompts.DEMO_MODES
@@ -115,10 +115,22 @@ class ToyBackboneConfig:
 
 
 @dataclass
+class LoraSettings:
+    """peft LoRA on the language model (the fine-tuning baseline); r=0 leaves the backbone fully frozen."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # null: the family's attention projections
+
+
+@dataclass
 class BackboneConfig:
-    family: str = "llava"  # adapter family
+    family: str = "llava"  # adapter family: llava, llava_next, qwen2_vl, qwen2_5_vl, idefics2, idefics3, blip2
     name_or_path: str = "data/toy/backbone"  # hub id or local folder
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (bfloat16 on GPUs that have it)
+    chat_template: bool = True  # wrap the query in the model's chat template when it has one
+    lora: LoraSettings = field(default_factory=LoraSettings)
     # When set and name_or_path does not exist, a tiny random-init model is built there.
     toy: Optional[ToyBackboneConfig] = field(default_factory=ToyBackboneConfig)
 
@@ -624,6 +636,19 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
     for mode in cfg.eval.demo_modes:
         if mode not in DEMO_MODES:
             raise _choice_error("eval.demo_modes", mode, DEMO_MODES, origin)
+    if cfg.method.name != "aim" and "fused" in cfg.eval.demo_modes:
+        raise ConfigError(
+            f"config key {at('eval.demo_modes')} asks for fused demos, which method.name={cfg.method.name} "
+            "does not make. Fix: eval.demo_modes=[none] (or [none,images,text])"
+        )
+    lora = cfg.backbone.lora
+    if lora.r < 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config key {at('backbone.lora')} needs r >= 0 (0 = no LoRA) and dropout in [0, 1)")
+    if cfg.method.name == "finetune" and lora.r == 0:
+        raise ConfigError(
+            "method.name=finetune trains LoRA adapters on the language model: set backbone.lora.r (e.g. "
+            "backbone.lora.r=8)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def load_backbone(family: str, name_or_path: str, dtype: str = "float32") -> Bac
             "model folder or a hub id (toy experiments build theirs when backbone.toy is set)."
         )
     try:
+        _check_model_type(name_or_path, model_cls, family)
         model = model_cls.from_pretrained(name_or_path, dtype=getattr(torch, DTYPES[dtype]))
         tokenizer, image_processor = adapter.load_processors(name_or_path)
     except OSError as err:
@@ -66,7 +67,33 @@ def load_backbone(family: str, name_or_path: str, dtype: str = "float32") -> Bac
             "Download it first (huggingface-cli download ...) or set backbone.name_or_path to a local folder."
         ) from err
     log.info("loaded %s backbone from %s (%s)", family, name_or_path, dtype)
-    return adapter(model, tokenizer, image_processor, name_or_path)
+    backbone = adapter(model, tokenizer, image_processor, name_or_path)
+    if backbone.chat_template is None:  # many MLLMs keep their chat template with the processor
+        backbone.chat_template = _processor_chat_template(name_or_path)
+    return backbone
+
+
+def _check_model_type(name_or_path: str, model_cls: Any, family: str) -> None:
+    """Refuse a checkpoint of another architecture (transformers would only warn and init randomly)."""
+    import transformers
+
+    found = transformers.AutoConfig.from_pretrained(name_or_path).model_type
+    expected = model_cls.config_class.model_type
+    if found != expected:
+        families = [f for f in FAMILIES if adapter_class(f).model_class
+                    and getattr(transformers, adapter_class(f).model_class).config_class.model_type == found]
+        hint = f"set backbone.family={families[0]}" if families else f"no mmict family loads '{found}' models"
+        raise ValueError(f"'{name_or_path}' is a '{found}' checkpoint, not '{expected}' (backbone.family={family}): "
+                         f"{hint}")
+
+
+def _processor_chat_template(name_or_path: str) -> str | None:
+    import transformers
+
+    try:
+        return getattr(transformers.AutoProcessor.from_pretrained(name_or_path), "chat_template", None)
+    except (OSError, ValueError, TypeError, KeyError):  # no processor saved: the tokenizer's (none) stands
+        return None
 
 
 def build_backbone(cfg: Any) -> Backbone:
@@ -79,7 +106,15 @@ def build_backbone(cfg: Any) -> Backbone:
         from mmict.backbones.toy import ensure_toy_backbone
 
         ensure_toy_backbone(cfg.name_or_path, cfg.toy)
-    return load_backbone(cfg.family, cfg.name_or_path, cfg.dtype)
+    backbone = load_backbone(cfg.family, cfg.name_or_path, cfg.dtype)
+    backbone.use_chat_template = bool(cfg.get("chat_template", True))
+    lora = cfg.get("lora")
+    if lora is not None and lora.r > 0:
+        from mmict.backbones.lora import add_lora
+
+        add_lora(backbone, lora.r, lora.alpha, lora.dropout,
+                 list(lora.target_modules) if lora.target_modules else None)
+    return backbone
 
 
 __all__ = ["IGNORE_INDEX", "Assembled", "Backbone", "ImageTransform", "FAMILIES", "adapter_class",

@@ -81,6 +81,10 @@ class Backbone(nn.Module):
         self.image_processor = image_processor
         self.name_or_path = name_or_path
         self.image_transform = self.image_transform_class(image_processor)
+        # The model's chat template (tokenizer's, else the processor's; set by `load_backbone`), used to
+        # wrap the query as the model was instruction-tuned; `backbone.chat_template=false` turns it off.
+        self.chat_template: str | None = getattr(tokenizer, "chat_template", None)
+        self.use_chat_template = True
         self.freeze()
 
     # ---- family hooks -------------------------------------------------------------------------
@@ -97,6 +101,11 @@ class Backbone(nn.Module):
     def image_tokens_per_image(self) -> int:
         """Positions one image takes in the prompt (for dynamic-resolution families: at the default size)."""
         raise NotImplementedError
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The LLM inside the MLLM (where LoRA goes; the vision tower never gets adapters)."""
+        return self.model.model.language_model
 
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
@@ -126,9 +135,10 @@ class Backbone(nn.Module):
 
     # ---- frozen -------------------------------------------------------------------------------
     def freeze(self) -> None:
-        """Frozen means: no gradients, eval mode (no dropout), never in an optimizer."""
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        """Frozen means: no gradients, eval mode (no dropout), never in an optimizer. LoRA adapters, when a
+        method adds them, are the exception: they are the only backbone weights that train."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_("lora_" in name)
         self.model.eval()
 
     def train(self, mode: bool = True) -> Backbone:
@@ -162,6 +172,44 @@ class Backbone(nn.Module):
         if not texts:
             return []
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # ---- chat template --------------------------------------------------------------------------
+    _CHAT_MARK = "\x00mmict-user-turn\x00"
+
+    def chat_affixes(self) -> tuple[str, str] | None:
+        """(text before, text after) the user's turn in the model's chat template, generation prompt
+        included; None when the model has no template or it is switched off."""
+        if not (self.use_chat_template and self.chat_template):
+            return None
+        rendered = None
+        for content in ([{"type": "text", "text": self._CHAT_MARK}], self._CHAT_MARK):  # list form, then plain
+            try:
+                rendered = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], chat_template=self.chat_template, tokenize=False,
+                    add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - templates differ in the content form they accept
+                continue
+            if self._CHAT_MARK in rendered:
+                break
+        if rendered is None or self._CHAT_MARK not in rendered:
+            raise ValueError(f"the chat template of {self.name_or_path} could not be rendered with one user turn; "
+                             "set backbone.chat_template=false to use plain prompts")
+        prefix, suffix = rendered.split(self._CHAT_MARK, 1)
+        bos = self.tokenizer.bos_token
+        if bos and prefix.startswith(bos):
+            prefix = prefix[len(bos):]  # assemble adds BOS itself
+        return prefix, suffix
+
+    def wrap_query(self, prompt: Prompt) -> Prompt:
+        """The query prompt (demos, query image, question) as the model's user turn, the target after the
+        assistant prefix; unchanged when there is no chat template."""
+        affixes = self.chat_affixes()
+        if affixes is None:
+            return prompt
+        prefix, suffix = affixes
+        body = [seg for seg in prompt if not (isinstance(seg, Text) and seg.target)]
+        target = [seg for seg in prompt if isinstance(seg, Text) and seg.target]
+        return [Text(prefix)] * bool(prefix) + body + [Text(suffix)] * bool(suffix) + target
 
     # ---- assembly -----------------------------------------------------------------------------
     def assemble(

@@ -15,6 +15,7 @@ import torch
 from mmict.config import config_from_dict
 from mmict.eval.runner import run_eval
 from mmict.modules import METHODS
+from mmict.modules.base import check_checkpoint_backbone
 
 
 def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
@@ -24,6 +25,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     cfg = config_from_dict(state["hyper_parameters"]["config"], overrides)
     module = METHODS[cfg.method.name](cfg)
+    check_checkpoint_backbone(state, module.backbone)
     module.load_state_dict(state["state_dict"])
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))

@@ -1,7 +1,9 @@
-"""LightningModules: one per method (AIM now; MMICT and the baselines join here)."""
+"""LightningModules: one per method, on one base (`FrozenBackboneModule`); MMICT joins here."""
 
 from mmict.modules.aim import AIMModule
+from mmict.modules.base import FrozenBackboneModule
+from mmict.modules.finetune import FinetuneModule
 
-METHODS = {"aim": AIMModule}
+METHODS = {"aim": AIMModule, "finetune": FinetuneModule}
 
-__all__ = ["AIMModule", "METHODS"]
+__all__ = ["AIMModule", "FinetuneModule", "FrozenBackboneModule", "METHODS"]

@@ -13,7 +13,7 @@ from pathlib import Path
 # family -> module in this package that builds it
 FAMILY_MODULES = {
     "llava": "llava",
-    "llava_next": "llava_next",
+    "llava_next": "llava",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
     "idefics2": "idefics",

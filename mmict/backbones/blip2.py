@@ -1,0 +1,214 @@
+"""BLIP-2 adapter (`Blip2ForConditionalGeneration`): OPT (decoder-only) or Flan-T5 (encoder-decoder) LM.
+
+An image is the `num_query_tokens` Q-Former outputs through `language_projection` (the model's own
+`get_image_features`), exactly what `Blip2ForConditionalGeneration.forward` scatters into the image-token
+positions. Layout conventions follow `Blip2Processor`, which writes the image tokens *in front of* the
+tokenized text:
+
+- OPT: `[image queries][BOS][text]` (OPT's tokenizer uses "</s>" as BOS). A prompt that starts with an image
+  gets BOS right after that image, as BLIP-2-OPT was trained; any other prompt (text-only demos, AIM's fused
+  tokens first) starts with BOS. Positions count real tokens (OPT's learned positions, offset inside the
+  model), so a left-padded prompt gets the logits it gets unpadded.
+- Flan-T5: `[image queries][text][EOS]` (T5's tokenizer appends "</s>" and has no BOS). The prompt's
+  non-target segments (demos, query image, prompt) go to the *encoder*, followed by that EOS; the target
+  segments, which must come last, go to the *decoder* as labels (decoder input = labels shifted right
+  behind `decoder_start_token_id`, T5's own `_shift_right`). So for T5, `Assembled` holds encoder inputs
+  (`inputs_embeds`, `attention_mask`, `position_ids`, `spans`: every non-target segment's span is in encoder
+  positions; a target segment gets an empty span at the end of its encoder row) and `labels` holds the
+  decoder labels `(B, T)`, right padded with IGNORE_INDEX. `hidden_states` returns the encoder's states, so
+  AIM reads demo text positions from the encoder; `num_layers` counts encoder layers accordingly (Flan-T5
+  has as many encoder as decoder layers). The loss is the mean cross-entropy over target tokens, as for
+  decoder-only families.
+
+Several images per prompt are allowed (MMICT's vanilla ICT concatenates every demo's Q-Former features)
+although BLIP-2 was pretrained with one image per text; this is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mmict.backbones.base import IGNORE_INDEX, Assembled, Backbone
+from mmict.segments import Embeds, Image, Prompt, Text
+
+log = logging.getLogger(__name__)
+
+OPT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+T5_LORA_TARGETS = ("q", "k", "v", "o")
+
+
+class Blip2Backbone(Backbone):
+    family = "blip2"
+    model_class = "Blip2ForConditionalGeneration"
+
+    _logged_multi_image = False  # the several-images note is logged once per backbone
+
+    @property
+    def _config(self):
+        return self.model.config
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """True for Flan-T5 language models, False for OPT (the config's own switch)."""
+        return not self._config.use_decoder_only_language_model
+
+    @property
+    def language_model(self) -> nn.Module:
+        # Blip2ForConditionalGeneration holds its LM directly (no inner `.model`).
+        return self.model.language_model
+
+    @property
+    def lora_target_modules(self) -> tuple[str, ...]:  # type: ignore[override]
+        # Names differ between the two LMs; a property so the loaded model decides.
+        return T5_LORA_TARGETS if self.is_encoder_decoder else OPT_LORA_TARGETS
+
+    @property
+    def hidden_size(self) -> int:
+        return self._config.text_config.hidden_size  # T5Config maps hidden_size -> d_model
+
+    @property
+    def num_layers(self) -> int:
+        # T5Config maps num_hidden_layers -> num_layers, the *encoder* depth: the stack `hidden_states` reads.
+        return self._config.text_config.num_hidden_layers
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        return self._config.num_query_tokens
+
+    @property
+    def decoder_layer_cls(self) -> type[nn.Module]:
+        lm = self.language_model
+        return type(lm.encoder.block[0]) if self.is_encoder_decoder else type(lm.model.decoder.layers[0])
+
+    def embed_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = self.model.get_image_features(pixel_values=self.stack_same_shape(images), return_dict=True)
+        return list(out.pooler_output)  # (num_query_tokens, D) each: Q-Former queries through language_projection
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        lm = self.language_model
+        if self.is_encoder_decoder:
+            return lm.encoder.final_layer_norm(hidden)
+        norm = lm.model.decoder.final_layer_norm
+        return hidden if norm is None else norm(hidden)  # OPT-350m style post-norm models have none
+
+    # ---- assembly -----------------------------------------------------------------------------
+    def _special(self, token_id: int) -> Embeds:
+        """One special token as an Embeds segment, so it can go where the base assembly puts no BOS."""
+        ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
+        return Embeds(self.embed_tokens(ids))
+
+    def assemble(
+        self, prompts: list[Prompt], padding_side: Literal["left", "right"] = "right", add_bos: bool = True
+    ) -> Assembled:
+        """As the base assembly, with BLIP-2's special-token layout (module docstring); `add_bos=False` leaves
+        out the tokenizer's special token (OPT's BOS, T5's encoder EOS)."""
+        self._note_multi_image(prompts)
+        if self.is_encoder_decoder:
+            return self._assemble_seq2seq(prompts, padding_side, add_bos)
+        if not add_bos or self.bos_token_id is None:
+            return super().assemble(prompts, padding_side, add_bos=False)
+        bos = self._special(self.bos_token_id)
+        at = [1 if prompt and isinstance(prompt[0], Image) else 0 for prompt in prompts]
+        out = super().assemble([[*p[:k], bos, *p[k:]] for p, k in zip(prompts, at)], padding_side, add_bos=False)
+        out.spans = [spans[:k] + spans[k + 1 :] for spans, k in zip(out.spans, at)]  # BOS is no caller's segment
+        return out
+
+    def _assemble_seq2seq(self, prompts: list[Prompt], padding_side: str, add_eos: bool) -> Assembled:
+        eos = self._special(self.eos_token_id) if add_eos else None
+        encoder_prompts: list[Prompt] = []
+        targets: list[list[Text]] = []
+        for prompt in prompts:
+            first = next((i for i, s in enumerate(prompt) if isinstance(s, Text) and s.target), len(prompt))
+            tail = prompt[first:]
+            if not all(isinstance(s, Text) and s.target for s in tail):
+                raise ValueError(
+                    "BLIP-2 with an encoder-decoder LM (Flan-T5) decodes the target: target Text segments must "
+                    f"come last in the prompt, got {[type(s).__name__ for s in prompt]} with a target at {first}"
+                )
+            encoder_prompts.append([*prompt[:first], eos] if eos is not None else list(prompt[:first]))
+            targets.append(tail)  # type: ignore[arg-type]
+        out = super().assemble(encoder_prompts, padding_side, add_bos=False)
+
+        flat = [t for ts in targets for t in ts]
+        ids = iter(self.tokenize([t.text for t in flat]))
+        rows = []
+        for ts in targets:
+            row: list[int] = []
+            for t in ts:
+                row += next(ids) + ([self.eos_token_id] if t.ends_with_eos else [])
+            rows.append(row)
+        labels = torch.full((len(prompts), max(map(len, rows), default=0)), IGNORE_INDEX, dtype=torch.long,
+                            device=out.inputs_embeds.device)
+        for b, row in enumerate(rows):
+            labels[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+        out.labels = labels
+
+        spans = []
+        for enc_spans, ts in zip(out.spans, targets):
+            kept = enc_spans[:-1] if eos is not None else enc_spans
+            end = enc_spans[-1][1] if enc_spans else int(out.attention_mask.shape[1])
+            spans.append(kept + [(end, end)] * len(ts))  # targets live in the decoder: empty encoder spans
+        out.spans = spans
+        return out
+
+    def _note_multi_image(self, prompts: list[Prompt]) -> None:
+        if self._logged_multi_image:
+            return
+        if any(sum(isinstance(s, Image) for s in prompt) > 1 for prompt in prompts):
+            log.info("BLIP-2 prompt with several images: each image's Q-Former queries are placed in order, "
+                     "although BLIP-2 was pretrained with one image per text")
+            self._logged_multi_image = True
+
+    # ---- running the frozen model -------------------------------------------------------------
+    def _decoder_input_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """T5's decoder inputs: labels shifted right behind the start token; with no target, the start token
+        alone (one decoder step: the logits of the first answer token)."""
+        if labels.shape[1] == 0:
+            start = self._config.text_config.decoder_start_token_id
+            return torch.full((labels.shape[0], 1), start, dtype=torch.long, device=labels.device)
+        return self.language_model._shift_right(labels)
+
+    def forward(self, batch: Assembled, output_hidden_states: bool = False, with_loss: bool = False) -> Any:
+        """The LM on assembled inputs (images are already features, so the LM is called directly).
+
+        OPT: causal-LM logits over the sequence. T5: decoder logits `(B, T, V)` for the decoder labels."""
+        lm = self.language_model
+        if not self.is_encoder_decoder:
+            return lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, labels=batch.labels if with_loss else None,
+                      output_hidden_states=output_hidden_states, use_cache=False)
+        if with_loss and not batch.labels.ne(IGNORE_INDEX).any():
+            raise ValueError("with_loss needs a target: no prompt in the batch has a target Text segment")
+        return lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                  decoder_input_ids=self._decoder_input_ids(batch.labels), labels=batch.labels if with_loss else None,
+                  output_hidden_states=output_hidden_states, use_cache=False)
+
+    def hidden_states(self, batch: Assembled) -> tuple[torch.Tensor, ...]:
+        if not self.is_encoder_decoder:
+            return super().hidden_states(batch)
+        # The segments are in the encoder: its states (last one final-normed), without running the decoder.
+        return self.language_model.encoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                           output_hidden_states=True).hidden_states
+
+    @torch.no_grad()
+    def generate_ids(self, batch: Assembled, max_new_tokens: int = 8, **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids from a left-padded batch (T5: behind the decoder start token)."""
+        inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask}
+        if not self.is_encoder_decoder:
+            inputs["position_ids"] = batch.position_ids  # generate extends them by one per new token
+        # Blip2ForConditionalGeneration.generate wants pixel_values; it too hands inputs_embeds to the LM's generate.
+        return self.language_model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id, **generate_kwargs,
+        )
+
+    def generate_from(self, batch: Assembled, max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
+        out = self.generate_ids(batch, max_new_tokens, **generate_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+__all__ = ["Blip2Backbone", "OPT_LORA_TARGETS", "T5_LORA_TARGETS"]
