@@ -42,6 +42,14 @@ def prepare_data(cfg: DictConfig) -> None:
         write_toy_world(cfg.data.root, **OmegaConf.to_container(cfg.data.toy))
 
 
+def find_shards_or_fail(root: str) -> None:
+    """The web corpus's training shards must exist; the error names the command that builds them."""
+    from data_modules.web_corpus import find_shards, missing_shards_error
+
+    if not find_shards(Path(root), "web", "train"):
+        raise missing_shards_error(root, str(Path(root) / "web" / "train-*.tar"), "The web corpus")
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.logger.wandb and os.environ.get("WANDB_MODE") == "disabled":
@@ -91,12 +99,14 @@ def loss_summary(metrics_csv: Path, window: int = 5) -> dict[str, float] | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
+    prepare_data(cfg)
+    # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
+    find_shards_or_fail(cfg.data.root)
+    module = METHODS[cfg.method.name](cfg)
     run_dir = make_run_dir(cfg.run_root, cfg.name)
     save_config(cfg, run_dir / "config.yaml")
     log.info("run folder: %s", run_dir)
-    prepare_data(cfg)
 
-    module = METHODS[cfg.method.name](cfg)
     d = cfg.data
     datamodule = WebCorpusDataModule(
         d.root, image_transform=module.backbone.image_transform, batch_size=d.batch_size,

@@ -7,8 +7,8 @@ import torch
 from test_aim import episode_batch, tiny_cfg
 from tiny_models import save_tiny
 
-from mmict.backbones import load_backbone
-from mmict.config import ConfigError
+from mmict.backbones import build_backbone, load_backbone
+from mmict.config import ConfigError, list_experiments, load_config
 from mmict.modules import AIMModule, FinetuneModule
 from mmict.modules.base import check_checkpoint_backbone
 from mmict.segments import Image, Text
@@ -24,8 +24,16 @@ def test_missing_local_folder_says_what_to_do(tmp_path):
         load_backbone("llava", str(tmp_path / "nope"))
 
 
-def test_offline_hub_id_fails_clearly(monkeypatch):
+def _offline(monkeypatch) -> None:
+    """HF_HUB_OFFLINE as a user sets it before starting (huggingface_hub reads it once, at import)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_hub_id_fails_clearly(monkeypatch):
+    _offline(monkeypatch)
     with pytest.raises(OSError, match="HF_HUB_OFFLINE is set"):
         load_backbone("llava_next", "llava-hf/llava-v1.6-mistral-7b-hf")
 
@@ -90,3 +98,15 @@ def test_checkpoint_for_another_hidden_size_is_refused(tiny_backbone_dir, tmp_pa
     state = {k: torch.zeros(8, 8) for k in ckpt["state_dict"]}
     with pytest.raises(ValueError, match="another hidden size"):
         module.load_state_dict(state)
+
+
+REAL_EXPERIMENTS = [n for n in list_experiments() if load_config(n).backbone.toy is None]
+
+
+@pytest.mark.parametrize("name", REAL_EXPERIMENTS)
+def test_real_experiments_name_their_weights_and_fail_clearly_without_them(name, monkeypatch):
+    _offline(monkeypatch)
+    cfg = load_config(name)
+    assert "/" in cfg.backbone.name_or_path  # a hub id
+    with pytest.raises(OSError, match=f"could not load backbone '{cfg.backbone.name_or_path}'.*HF_HUB_OFFLINE"):
+        build_backbone(cfg.backbone)
