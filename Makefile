@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 EXP ?= toy_aim
 ARGS ?=
 CKPT ?=
+SHOTS ?=
 # torch and torchvision must come from the registry together (a mismatched pair fails to load
 # torchvision's operators). Override for another CUDA build, e.g. TORCH_SPEC="torch==2.15.0 torchvision==0.29.2".
 TORCH_SPEC ?= torch==2.15.0 torchvision==0.29.2
@@ -19,7 +20,8 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make train [EXP=toy_aim] [ARGS='key=value ...']   train + evaluate an experiment"
-	@echo "make eval CKPT=runs/.../last.ckpt [ARGS=...]       evaluate a checkpoint"
+	@echo "make eval CKPT=runs/.../last.ckpt [SHOTS=0,4,8] [ARGS=...]  evaluate a checkpoint"
+	@echo "make eval EXP=toy_aim [SHOTS=0,4,8]                evaluate the training-free baselines (no checkpoint)"
 	@echo "make test                                          run the test suite"
 	@echo "make lint                                          ruff"
 
@@ -37,8 +39,8 @@ train: $(STAMP)
 	$(VENV)/bin/mmict train $(EXP) $(ARGS)
 
 eval: $(STAMP)
-	@test -n "$(CKPT)" || { echo "usage: make eval CKPT=runs/<exp>/<time>/checkpoints/last.ckpt [ARGS=...]"; exit 2; }
-	$(VENV)/bin/mmict eval $(CKPT) $(ARGS)
+	$(VENV)/bin/mmict eval $(if $(CKPT),$(CKPT),--exp $(EXP) eval.demo_modes=[images,text]) \
+		$(if $(SHOTS),--shots $(SHOTS)) $(ARGS)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)

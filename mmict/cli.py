@@ -12,7 +12,8 @@ USAGE = """mmict <command> [args]
 
 commands:
   train EXP [key=value ...]        train an experiment (experiments/EXP.yaml), then evaluate it
-  eval CKPT [key=value ...]        evaluate a checkpoint at the configured shots
+  eval CKPT [--shots 0,4,8] [k=v]  evaluate a checkpoint at the configured (or given) shots
+  eval --exp EXP [--shots ...]     evaluate an experiment's training-free baselines (no checkpoint)
   data toy [--root data/toy]       write the toy world's webdataset shards
   pretrain-toy [EXP] [--force]     pretrain (and cache) the experiment's toy backbone; `train` does it
                                    the first time on its own

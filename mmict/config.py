@@ -219,7 +219,8 @@ class EvalConfig:
     num_queries: int = 200
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 32
-    max_new_tokens: int = 4
+    max_new_tokens: Optional[int] = None  # null: the task's own (short answers 5, captions longer)
+    num_beams: Optional[int] = None  # null: the task's own (greedy for VQA)
     task: str = "toy_vqa"
     # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, none
     demo_modes: list[str] = field(default_factory=lambda: ["fused", "images", "text"])

@@ -66,3 +66,33 @@ def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str =
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_cost_vs_shots(rows: Sequence[dict], out_png: str | Path, title: str | None = None) -> Path:
+    """What a method pays per query: context tokens and peak accelerator memory against shots."""
+    fig, (ax_ctx, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.5))
+    methods = sorted({r["method"] for r in rows})
+    for method in methods:
+        pts = sorted((r["shots"], r["context_tokens"], r.get("peak_memory_mb")) for r in rows if r["method"] == method)
+        xs = [p[0] for p in pts]
+        ax_ctx.plot(xs, [p[1] for p in pts], marker="o", label=method)
+        mem = [(x, m) for x, _, m in pts if m is not None]
+        if mem:
+            ax_mem.plot(*zip(*mem), marker="o", label=method)
+    ax_ctx.set_xlabel("shots")
+    ax_ctx.set_ylabel("context tokens / query")
+    ax_ctx.legend(fontsize=8)
+    ax_ctx.grid(alpha=0.3)
+    ax_mem.set_xlabel("shots")
+    ax_mem.set_ylabel("peak GPU memory (MiB)")
+    if not any(r.get("peak_memory_mb") is not None for r in rows):
+        ax_mem.text(0.5, 0.5, "not measured\n(evaluated on CPU)", ha="center", va="center", transform=ax_mem.transAxes)
+    else:
+        ax_mem.legend(fontsize=8)
+    ax_mem.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return Path(out_png)

@@ -133,7 +133,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["loss"] = loss_summary(metrics_csv)
         plot_losses(metrics_csv, run_dir / "loss.png")
     if cfg.eval.enabled:
-        rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"))
+        wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
+                                wandb_run=wandb_run)
         summary["eval"], summary["eval_report"] = rows, report
     print_summary(summary)
     return summary

@@ -37,7 +37,7 @@ def test_run_folder_has_everything(finished_run):
     run = summary["run_dir"]
     run = Path(run)
     for name in ("config.yaml", "logs/metrics.csv", "loss.png", "checkpoints/last.ckpt", "eval/results.json",
-                 "eval/results.md", "eval/score_vs_shots.png", "skipped_samples.json"):
+                 "eval/results.md", "eval/score_vs_shots.png", "eval/cost_vs_shots.png", "skipped_samples.json"):
         assert (run / name).exists(), name
     assert summary["loss"]["first"] > 0 and summary["loss"]["last"] < summary["loss"]["first"]
     results = json.loads((run / "eval/results.json").read_text())
@@ -45,6 +45,10 @@ def test_run_folder_has_everything(finished_run):
     assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
                        ("text-only demos", 2)}
     assert all(r["seeds"] == 2 and r["queries"] == 8 for r in results["summary"])
+    assert results["metric"] == "exact_match" and results["selection"] == "episodic"  # toy_binding
+    assert results["shots"] == [0, 2] and results["seeds"] == [0, 1] and results["decoding"]["num_beams"] == 1
+    assert {"torch", "transformers", "lightning", "mmict_commit"} <= set(results["versions"])
+    assert all(r["peak_memory_mb"] is None for r in results["summary"])  # CPU: not measured, not faked
     saved = OmegaConf.to_container(load_config(run / "config.yaml"), resolve=True)
     assert saved == OmegaConf.to_container(cfg, resolve=True)
 
@@ -65,3 +69,25 @@ def test_eval_of_checkpoint_never_overwrites(finished_run):
     assert (run / "eval/results-1.json").exists()  # the training run's results.json is kept
     first = json.loads((run / "eval/results.json").read_text())
     assert {r["shots"] for r in first["summary"]} == {0, 2}
+
+
+def test_baselines_evaluate_without_a_checkpoint(finished_run, capsys):
+    from mmict.config import ConfigError
+    from mmict.eval.__main__ import main
+
+    cfg, _ = finished_run
+    base = [f"{k}={v}" for k, v in (("run_root", cfg.run_root), ("data.root", cfg.data.root),
+                                     ("backbone.name_or_path", cfg.backbone.name_or_path))]
+    base += ["backbone.toy=null", "data.toy.image_size=16", "data.toy.num_docs=80", "data.toy.val_docs=16",
+             "data.toy.vqa_train=20", "data.toy.vqa_test=12", "data.toy.binding_episodes=4",
+             "eval.num_queries=6", "eval.seeds=[0]"]
+    with pytest.raises(ConfigError, match="needs a trained projector"):
+        main(["--exp", "toy_aim", *base])
+    main(["--exp", "toy_aim", "--shots", "0,1", "eval.demo_modes=[images,text]", *base])
+    assert "vanilla ICL" in capsys.readouterr().out
+    runs = sorted(Path(cfg.run_root, cfg.name).glob("*/eval/results.json"))
+    latest = json.loads(runs[-1].read_text())
+    assert {(r["method"], r["shots"]) for r in latest["summary"]} == {
+        ("zero-shot", 0), ("vanilla ICL (images+text)", 1), ("text-only demos", 1)}
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        main(["--exp", "toy_aim", "--shots", "0,four", *base])

@@ -1,7 +1,9 @@
-"""`python -m mmict.eval CKPT [key=value ...]`: evaluate a trained checkpoint.
+"""`python -m mmict.eval [CKPT] [--exp EXP] [--shots 0,4,8] [key=value ...]` (also `mmict eval`, `make eval`).
 
-The experiment config is read from the checkpoint (overrides apply on top), the frozen backbone is
-reloaded from `backbone.name_or_path`, and the report goes next to the checkpoint's run folder.
+With a checkpoint: its experiment config (overrides on top), the frozen backbone reloaded from
+`backbone.name_or_path`, the report next to the checkpoint's run folder. Without one (`--exp`): the
+training-free baselines of an experiment on its frozen backbone (zero-shot, vanilla ICL, text-only
+demos), reported under `runs/<exp>/eval-<time>/`; the fused demo mode needs a trained checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mmict.config import config_from_dict
+from mmict.config import ConfigError, config_from_dict, load_config, save_config
 from mmict.eval.runner import run_eval
 from mmict.modules import METHODS
 from mmict.modules.base import check_checkpoint_backbone
@@ -33,13 +35,53 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     return rows
 
 
+def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
+    """Training-free baselines (demo modes none / images / text) of an experiment, no checkpoint."""
+    from mmict.runs import make_run_dir
+
+    cfg = load_config(experiment, overrides)
+    if "fused" in cfg.eval.demo_modes:
+        raise ConfigError(
+            f"eval.demo_modes={list(cfg.eval.demo_modes)} includes fused, which needs a trained projector: pass a "
+            "checkpoint (mmict eval runs/<exp>/<time>/checkpoints/last.ckpt), or evaluate the training-free "
+            "baselines with eval.demo_modes=[images,text]"
+        )
+    module = METHODS[cfg.method.name](cfg)  # loads the backbone first: missing weights fail before any folder
+    run_dir = make_run_dir(cfg.run_root, cfg.name)
+    save_config(cfg, run_dir / "config.yaml")
+    rows, report = run_eval(module, cfg, run_dir / "eval")
+    print(f"{report}\n\nreport: {run_dir / 'eval'}")
+    return rows
+
+
+def shots_override(shots: str | None) -> list[str]:
+    """`--shots 0,4,8` (make eval SHOTS=0,4,8) as the eval.shots override."""
+    if not shots:
+        return []
+    try:
+        values = [int(s) for s in shots.split(",") if s.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--shots/SHOTS must be comma-separated integers, e.g. 0,4,8,16,32 (got {shots!r})") from err
+    return [f"eval.shots=[{','.join(map(str, values))}]"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mmict eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.shots=[0,4,8]")
+    parser.add_argument("checkpoint", nargs="?", help="a trained checkpoint (its run's config is used)")
+    parser.add_argument("--exp", help="without a checkpoint: evaluate this experiment's training-free baselines")
+    parser.add_argument("--shots", help="comma-separated shot counts, e.g. 0,4,8,16,32 (= eval.shots=[...])")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.seeds=[0,1,2]")
     args = parser.parse_args(argv)
-    evaluate_checkpoint(args.checkpoint, args.overrides)
+    overrides = args.overrides + shots_override(args.shots)
+    if args.checkpoint and "=" in args.checkpoint:  # `mmict eval eval.shots=[0]` with --exp: not a path
+        overrides, args.checkpoint = [args.checkpoint, *overrides], None
+    if args.checkpoint:
+        evaluate_checkpoint(args.checkpoint, overrides)
+    elif args.exp:
+        evaluate_baselines(args.exp, overrides)
+    else:
+        parser.error("give a checkpoint, or --exp EXP to evaluate an experiment's training-free baselines")
 
 
 if __name__ == "__main__":

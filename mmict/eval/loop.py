@@ -16,7 +16,6 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
-from mmict.eval.metrics import exact_match
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import Task, get_task
 
@@ -29,9 +28,10 @@ class TrialResult:
     method: str  # demo mode
     shots: int
     seed: int
-    accuracy: float
+    accuracy: float  # the task's metric (`Task.metric`), mean over queries
     context_tokens: float  # mean real tokens the frozen LM attends over per query
     num_queries: int
+    peak_memory_mb: float | None = None  # peak accelerator memory of the trial (None on CPU: not measured)
 
 
 def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task) -> dict:
@@ -65,11 +65,16 @@ def evaluate(
     demo_modes: Sequence[str],
     task: str | Task = "toy_vqa",
     batch_size: int = 32,
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
     progress: bool = True,
 ) -> list[TrialResult]:
+    """Every (seed, shots, demo mode) trial on the same queries; decoding from the task unless given."""
     module.eval()
     task = get_task(task) if isinstance(task, str) else task
+    max_new_tokens = max_new_tokens or task.max_new_tokens
+    num_beams = num_beams or task.num_beams
+    cuda = module.device.type == "cuda"
     selector = DemoSelector(pool, episodic=task.episodic)
     trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else demo_modes)]
     results = []
@@ -78,6 +83,8 @@ def evaluate(
         rng = random.Random(f"{seed}-{k}")
         demos = [selector.select(rng, q, k) for q in queries]
         scores, ctx = [], []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(module.device)
         for start in range(0, len(queries), batch_size):
             q, d = queries[start : start + batch_size], demos[start : start + batch_size]
             batch = episode_batch(q, d, task)
@@ -85,10 +92,11 @@ def evaluate(
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
             assembled = module.backbone.assemble(prompts, padding_side="left")
             ctx += assembled.context_tokens.tolist()
-            outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens)
-            scores += [exact_match(task.postprocess(o), ex.answers) for o, ex in zip(outputs, q)]
+            outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            scores += [task.score(task.postprocess(o), ex.answers) for o, ex in zip(outputs, q)]
             bar.update(len(q))
-        results.append(TrialResult(mode, k, seed, sum(scores) / len(scores), sum(ctx) / len(ctx), len(scores)))
+        peak = torch.cuda.max_memory_allocated(module.device) / 2**20 if cuda else None
+        results.append(TrialResult(mode, k, seed, sum(scores) / len(scores), sum(ctx) / len(ctx), len(scores), peak))
     bar.close()
     return results
 
@@ -105,6 +113,8 @@ def summary_rows(results: Sequence[TrialResult]) -> list[dict]:
                      "accuracy_mean": statistics.fmean(accs),
                      "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "context_tokens": statistics.fmean(r.context_tokens for r in rs),
+                     "peak_memory_mb": max((r.peak_memory_mb for r in rs if r.peak_memory_mb is not None),
+                                           default=None),
                      "seeds": len(rs), "queries": rs[0].num_queries})
     return rows
 

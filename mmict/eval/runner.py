@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,14 +24,41 @@ from mmict.eval.loop import (
 )
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import get_task
-from mmict.plots import plot_score_vs_shots
+from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
 from mmict.runs import unique_path, write_text_unique
 
 log = logging.getLogger(__name__)
 
 
-def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None) -> tuple[list[dict], str]:
-    """Shots x seeds x demo modes on `cfg.eval.task`; writes results.json, results.md, score_vs_shots.png.
+def versions() -> dict[str, str]:
+    """Library versions and the code's git commit, so a number can be traced to what produced it."""
+    import lightning
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "lightning": lightning.__version__}
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        out["mmict_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
+                                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["mmict_commit"] = "unknown (not a git checkout)"
+    return out
+
+
+def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: str = "eval") -> None:
+    """The summary as a W&B table and the plots as images, so runs compare side by side on a dashboard."""
+    import wandb
+
+    columns = list(rows[0]) if rows else []
+    run.log({f"{prefix}/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+             **{f"{prefix}/{name}": wandb.Image(str(path)) for name, path in images.items()}})
+
+
+def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
+             wandb_run: Any = None) -> tuple[list[dict], str]:
+    """Shots x seeds x demo modes on `cfg.eval.task`; writes results.json, results.md, score_vs_shots.png and
+    cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given.
 
     Returns (summary rows, the report as markdown)."""
     ev = cfg.eval
@@ -39,7 +68,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     dm.setup("test")
     results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),
                        demo_modes=list(ev.demo_modes), task=task, batch_size=ev.batch_size,
-                       max_new_tokens=ev.max_new_tokens)
+                       max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
     rows = summary_rows(results)
     chance = chance_rate(dm.queries, DemoSelector(dm.pool, episodic=task.episodic))
     comparison = aim_vs_icl(rows)
@@ -49,15 +78,22 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     if comparison:
         report += "\n\n" + aim_vs_icl_markdown(comparison)
     payload = {
-        "task": ev.task, "metric": "exact_match", "checkpoint": checkpoint, "summary": rows,
+        "task": ev.task, "metric": task.metric, "checkpoint": checkpoint, "summary": rows,
+        "shots": list(ev.shots), "seeds": list(ev.seeds), "num_queries": len(dm.queries),
+        "selection": "episodic" if task.episodic else "random",
+        "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
+                     or task.max_new_tokens},
         "chance": chance, "aim_vs_icl": comparison,
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
     json_path = unique_path(out_dir / "results.json")
     json_path.write_text(json.dumps(payload, indent=2))
     md_path = write_text_unique(out_dir / "results.md", f"# {cfg.name}: {ev.task}\n\n{report}\n")
-    png_path = plot_score_vs_shots(rows, unique_path(out_dir / "score_vs_shots.png"), chance=chance,
-                                   title=f"{cfg.name}: {ev.task}")
-    log.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    png_path = plot_score_vs_shots(rows, unique_path(out_dir / "score_vs_shots.png"), metric=task.metric,
+                                   chance=chance, title=f"{cfg.name}: {ev.task}")
+    cost_path = plot_cost_vs_shots(rows, unique_path(out_dir / "cost_vs_shots.png"), title=f"{cfg.name}: {ev.task}")
+    log.info("wrote %s, %s, %s, %s", json_path, md_path, png_path, cost_path)
+    if wandb_run is not None:
+        log_to_wandb(wandb_run, rows, {"score_vs_shots": png_path, "cost_vs_shots": cost_path})
     return rows, report

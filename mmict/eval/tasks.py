@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from data_modules.downstream import Example
 from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
 from data_modules.toy_world import vqa_demo_text, vqa_prompt
-from mmict.eval.metrics import postprocess_vqa
+from mmict.eval.metrics import exact_match, postprocess_vqa
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class Task:
     # Episodic tasks draw a query's demos from its own episode (`Example.group`), balanced over the
     # episode's classes; the others draw them from the whole pool.
     episodic: bool = False
+    # (post-processed answer, reference answers) -> score in [0, 1], averaged over queries.
+    score: Callable[[str, list[str]], float] = exact_match
+    metric: str = "exact_match"
+    # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
+    num_beams: int = 1
+    max_new_tokens: int = 5
 
 
 def first_word(generation: str) -> str:
@@ -35,7 +41,7 @@ def first_word(generation: str) -> str:
 TASKS: dict[str, Task] = {
     "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
     BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),
-                       postprocess=first_word, episodic=True),
+                       postprocess=first_word, episodic=True, max_new_tokens=3),
 }
 
 
