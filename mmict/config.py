@@ -221,6 +221,7 @@ class EvalConfig:
     batch_size: int = 32
     max_new_tokens: Optional[int] = None  # null: the task's own (short answers 5, captions longer)
     num_beams: Optional[int] = None  # null: the task's own (greedy for VQA)
+    postprocess: Optional[str] = None  # null: the task's own; or vqa | caption | first_word | none
     task: str = "toy_vqa"
     # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, none
     demo_modes: list[str] = field(default_factory=lambda: ["fused", "images", "text"])

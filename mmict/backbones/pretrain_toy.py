@@ -60,7 +60,7 @@ def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), mo
     """Binding accuracy on held-out (eval pool) words: {demo mode: {shots: accuracy}}; mode "none" at 0."""
     from data_modules.toy_binding import BINDING_PROMPT, balanced_classes, binding_text, sample_episode, word_pools
     from data_modules.toy_pretrain import ImageBank
-    from mmict.eval.tasks import first_word
+    from mmict.eval.postprocess import first_word
 
     bank = ImageBank(backbone.image_transform, image_size, seed=seed + 1)
     pool = word_pools()["eval"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -22,6 +23,7 @@ from mmict.eval.loop import (
     markdown_table,
     summary_rows,
 )
+from mmict.eval.postprocess import get_postprocessor
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import get_task
 from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
@@ -63,6 +65,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     Returns (summary rows, the report as markdown)."""
     ev = cfg.eval
     task = get_task(ev.task)
+    if ev.postprocess:
+        task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
     dm = DownstreamDataModule(cfg.data.root, task=ev.task, image_transform=module.backbone.image_transform,
                               num_queries=ev.num_queries)
     dm.setup("test")
@@ -80,7 +84,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint, "summary": rows,
         "shots": list(ev.shots), "seeds": list(ev.seeds), "num_queries": len(dm.queries),
-        "selection": "episodic" if task.episodic else "random",
+        "selection": "episodic" if task.episodic else "random", "postprocess": ev.postprocess or "task default",
         "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
                      or task.max_new_tokens},
         "chance": chance, "aim_vs_icl": comparison,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from data_modules.downstream import Example
 from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
 from data_modules.toy_world import vqa_demo_text, vqa_prompt
-from mmict.eval.metrics import exact_match, postprocess_vqa
+from mmict.eval.metrics import exact_match
+from mmict.eval.postprocess import first_word, postprocess_vqa
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,6 @@ class Task:
     # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
     num_beams: int = 1
     max_new_tokens: int = 5
-
-
-def first_word(generation: str) -> str:
-    """A one-word answer: what follows it (the next demo's text, as pretraining documents go on) is cut."""
-    words = generation.split()
-    return words[0] if words else ""
 
 
 TASKS: dict[str, Task] = {
