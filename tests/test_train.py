@@ -49,6 +49,8 @@ def test_run_folder_has_everything(finished_run):
     assert results["shots"] == [0, 2] and results["seeds"] == [0, 1] and results["decoding"]["num_beams"] == 1
     assert {"torch", "transformers", "lightning", "mmict_commit"} <= set(results["versions"])
     assert all(r["peak_memory_mb"] is None for r in results["summary"])  # CPU: not measured, not faked
+    trial = results["trials"][0]  # every answer is kept, so a score can be checked by hand
+    assert len(trial["predictions"]) == 8 and {"id", "answer", "generation"} <= set(trial["predictions"][0])
     saved = OmegaConf.to_container(load_config(run / "config.yaml"), resolve=True)
     assert saved == OmegaConf.to_container(cfg, resolve=True)
 

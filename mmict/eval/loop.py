@@ -32,6 +32,7 @@ class TrialResult:
     context_tokens: float  # mean real tokens the frozen LM attends over per query
     num_queries: int
     peak_memory_mb: float | None = None  # peak accelerator memory of the trial (None on CPU: not measured)
+    predictions: list[dict] | None = None  # per query: id, post-processed answer, raw generation
 
 
 def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task) -> dict:
@@ -82,7 +83,7 @@ def evaluate(
     for seed, k, mode in trials:
         rng = random.Random(f"{seed}-{k}")
         demos = [selector.select(rng, q, k) for q in queries]
-        scores, ctx = [], []
+        answers, ctx, records = [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats(module.device)
         for start in range(0, len(queries), batch_size):
@@ -93,10 +94,13 @@ def evaluate(
             assembled = module.backbone.assemble(prompts, padding_side="left")
             ctx += assembled.context_tokens.tolist()
             outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens, num_beams=num_beams)
-            scores += [task.score(task.postprocess(o), ex.answers) for o, ex in zip(outputs, q)]
+            for out, ex in zip(outputs, q):
+                answers.append(task.postprocess(out))
+                records.append({"id": ex.id, "answer": answers[-1], "generation": out})
             bar.update(len(q))
         peak = torch.cuda.max_memory_allocated(module.device) / 2**20 if cuda else None
-        results.append(TrialResult(mode, k, seed, sum(scores) / len(scores), sum(ctx) / len(ctx), len(scores), peak))
+        score = task.score_trial(answers, [ex.answers for ex in queries])
+        results.append(TrialResult(mode, k, seed, score, sum(ctx) / len(ctx), len(answers), peak, records))
     bar.close()
     return results
 

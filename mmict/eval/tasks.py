@@ -25,9 +25,17 @@ class Task:
     # Episodic tasks draw a query's demos from its own episode (`Example.group`), balanced over the
     # episode's classes; the others draw them from the whole pool.
     episodic: bool = False
-    # (post-processed answer, reference answers) -> score in [0, 1], averaged over queries.
+    # (post-processed answer, reference answers) -> score in [0, 1], averaged over queries ...
     score: Callable[[str, list[str]], float] = exact_match
     metric: str = "exact_match"
+    # ... unless the metric is corpus-level (CIDEr's document frequencies, ROC-AUC): then this scores
+    # all of a trial's answers at once, (answers, references) -> score.
+    corpus_score: Callable[[list[str], list[list[str]]], float] | None = None
+
+    def score_trial(self, predictions: list[str], references: list[list[str]]) -> float:
+        if self.corpus_score is not None:
+            return self.corpus_score(predictions, references)
+        return sum(self.score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
     # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
     num_beams: int = 1
     max_new_tokens: int = 5
