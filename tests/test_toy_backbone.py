@@ -65,3 +65,29 @@ def test_pretraining_lowers_loss_trains_lm_not_vision_and_records_probe(tmp_path
                             random_init.model.model.vision_tower.parameters()):
         assert torch.equal(a, b), f"vision tower weight {name} changed: it must stay frozen"
     assert not any(p.requires_grad for p in trained.parameters())  # loaded frozen again
+
+
+def test_pretraining_stream_warms_up_on_word_lists_then_follows_the_mix():
+    import torch
+
+    from data_modules.toy_binding import word_pools
+    from data_modules.toy_pretrain import ToyPretrainStream, recall_document
+    from mmict.segments import Image, Text
+
+    stream = ToyPretrainStream(lambda img: torch.zeros(3, 8, 8), batch_size=4, text_steps=2, image_size=16,
+                               mix={"recall": 1.0})
+    batches = iter(stream)
+    warmup = [next(batches) for _ in range(2)]
+    assert all(len(doc) == 1 and isinstance(doc[0], Text) for batch in warmup for doc in batch)  # word lists
+    after = next(batches)
+    pool = set(word_pools()["pretrain"])
+    for doc in after:  # recall episodes: "<colour> this is a <word>" ..., keyed by colour words, no images
+        assert not any(isinstance(s, Image) for s in doc)
+        words = doc[0].text.split()
+        assert words[1:4] == ["this", "is", "a"] and words[4] in pool
+    import random
+
+    text = recall_document(random.Random(0), tuple(pool), n_way=2)[0].text
+    last_colour, last_word = text.split()[-5], text.split()[-1]
+    pairs = {(w[i], w[i + 4]) for w in [text.split()] for i in range(0, len(w) - 5, 5)}
+    assert (last_colour, last_word) in pairs  # the query's colour was shown with the same word
