@@ -24,7 +24,10 @@ from .web_corpus import ImageTransform, decode_image, find_shards, missing_shard
 logger = logging.getLogger(__name__)
 
 # task -> folder under root holding its shards; add a task by adding its folder here.
-TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa", "toy_binding": "binding"}
+# Task -> its folder under data.root; the real benchmarks' converters write <root>/<task>/{train,test}-*.tar.
+TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa", "toy_binding": "binding", "vqav2": "vqav2", "okvqa": "okvqa",
+                             "vizwiz": "vizwiz", "textvqa": "textvqa", "coco_caption": "coco_caption",
+                             "flickr30k": "flickr30k"}
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 

@@ -35,3 +35,18 @@ def test_results_go_to_wandb_as_a_table_and_images(tmp_path):
     assert isinstance(table, wandb.Table) and table.columns == list(ROWS[0]) and len(table.data) == 2
     assert table.data[1][table.columns.index("accuracy_mean")] == 0.4
     assert isinstance(run.logged["eval/cost_vs_shots"], wandb.Image)
+
+
+def test_benchmark_tasks_use_their_reference_metrics():
+    from mmict.eval.tasks import get_task
+
+    vqa = get_task("vqav2")
+    # official normalisation ("two" -> "2") and leave-one-out accuracy over 10 answers: 1.0 and 0.0
+    assert vqa.score_trial(["two", "red"], [["2"] * 10, ["blue"] * 10]) == 0.5
+    assert vqa.metric == "vqa_accuracy" and vqa.num_beams == 1
+    cap = get_task("flickr30k")
+    assert cap.metric == "cider" and cap.num_beams == 3
+    refs = [["a dog runs on grass"], ["a cat sleeps on a sofa"]]
+    good = cap.score_trial(["a dog runs on grass", "a cat sleeps on a sofa"], refs)
+    swapped = cap.score_trial(["a cat sleeps on a sofa", "a dog runs on grass"], refs)
+    assert good > 1.0 > swapped  # corpus-level CIDEr, not a per-caption exact match

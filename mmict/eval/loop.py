@@ -123,9 +123,9 @@ def summary_rows(results: Sequence[TrialResult]) -> list[dict]:
     return rows
 
 
-def markdown_table(rows: Sequence[dict], chance: float | None = None) -> str:
+def markdown_table(rows: Sequence[dict], chance: float | None = None, metric: str = "accuracy") -> str:
     lines = [] if chance is None else [f"Chance (answer with a random demo's word): {100 * chance:.1f}%", ""]
-    lines += ["| method | shots | accuracy (%) | context tokens / query | seeds x queries |",
+    lines += [f"| method | shots | {metric} (x100) | context tokens / query | seeds x queries |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         std = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""

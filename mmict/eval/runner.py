@@ -78,7 +78,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = markdown_table(rows, chance)
+    report = markdown_table(rows, chance, metric=task.metric)
     if comparison:
         report += "\n\n" + aim_vs_icl_markdown(comparison)
     payload = {

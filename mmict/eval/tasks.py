@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from data_modules.downstream import Example
 from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
 from data_modules.toy_world import vqa_demo_text, vqa_prompt
-from mmict.eval.metrics import exact_match
-from mmict.eval.postprocess import first_word, postprocess_vqa
+from mmict.eval.metrics import cider, exact_match, okvqa_postprocess, vqa_accuracy
+from mmict.eval.postprocess import first_word, postprocess_caption, postprocess_vqa
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,38 @@ class Task:
     max_new_tokens: int = 5
 
 
+# OpenFlamingo's few-shot formats: "Question:{q} Short answer:{a}" and "Output:{caption}".
+def _vqa_prompt(q: Example) -> str:
+    return f"Question:{q.question} Short answer:"
+
+
+def _vqa_demo(d: Example) -> str:
+    return f"Question:{d.question} Short answer:{d.answers[0]}"
+
+
+def _corpus_cider(predictions: list[str], references: list[list[str]]) -> float:
+    ids = [str(i) for i in range(len(predictions))]
+    return cider(dict(zip(ids, predictions)), dict(zip(ids, references)))[0]
+
+
+def _vqa_task(name: str, **kw) -> Task:
+    return Task(name, _vqa_prompt, _vqa_demo, score=vqa_accuracy, metric="vqa_accuracy", **kw)
+
+
+def _caption_task(name: str) -> Task:
+    return Task(name, lambda q: "Output:", lambda d: f"Output:{d.answers[0]}", postprocess=postprocess_caption,
+                score=exact_match, corpus_score=_corpus_cider, metric="cider", num_beams=3, max_new_tokens=20)
+
+
 TASKS: dict[str, Task] = {
+    # Real benchmarks (shards from the converters: see the README's data formats).
+    "vqav2": _vqa_task("vqav2"),
+    "okvqa": _vqa_task("okvqa", postprocess=lambda g: okvqa_postprocess(g)),  # stemmed as OK-VQA v1.1
+    "vizwiz": _vqa_task("vizwiz"),
+    "textvqa": _vqa_task("textvqa"),
+    "coco_caption": _caption_task("coco_caption"),
+    "flickr30k": _caption_task("flickr30k"),
+    # The toy world.
     "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
     BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),
                        postprocess=first_word, episodic=True, max_new_tokens=3),
