@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -39,6 +39,8 @@ class Example:
     answers: list[str]
     task: str
     group: str | None = None  # the episode an example belongs to (binding tasks), from json "episode"
+    # The encoded image as stored (far smaller than `image`): RICES embeds it with CLIP's own preprocessing.
+    image_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def _answers(meta: dict) -> list[str] | None:
@@ -80,6 +82,7 @@ def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | 
     return Example(
         id=str(meta.get("id", sample["__key__"])),
         image=image_transform(image),
+        image_bytes=data,
         question=str(meta.get("question", meta.get("prompt", ""))),
         answers=answers,
         task=str(meta.get("task", "")),

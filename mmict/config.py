@@ -67,6 +67,7 @@ METHODS: tuple[str, ...] = ("aim", "finetune")
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # mmict.prompts.DEMO_MODES
+SELECTIONS: tuple[str, ...] = ("random", "rices")  # mmict.eval.selection.make_selector
 # Lightning 2.x precision strings; checked here so a typo fails at load time, not after the model is built.
 LIGHTNING_PRECISIONS: tuple[str, ...] = (
     "32-true",
@@ -213,6 +214,19 @@ class LoggerConfig:
 
 
 @dataclass
+class RicesConfig:
+    """CLIP image features for RICES demo selection (open_clip), cached on disk per model and pool."""
+
+    model: str = "ViT-B-32"  # open_clip name, hf-hub:org/repo, or local-dir:/path
+    pretrained: Optional[str] = "openai"  # tag or checkpoint file (ignored with hf-hub:/local-dir:)
+    precision: str = "fp32"
+    batch_size: int = 64
+    device: Optional[str] = None  # null: cuda if available
+    download_dir: Optional[str] = None  # open_clip's weights cache (null: the Hugging Face cache)
+    cache_dir: Optional[str] = "data/rices_cache"  # pool features, shared across runs; null: no cache
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     shots: list[int] = field(default_factory=lambda: [0, 2, 4])
@@ -222,6 +236,10 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # null: the task's own (short answers 5, captions longer)
     num_beams: Optional[int] = None  # null: the task's own (greedy for VQA)
     postprocess: Optional[str] = None  # null: the task's own; or vqa | caption | first_word | none
+    # Demo selection: random (seeded, OpenFlamingo's protocol; in-episode for binding tasks) or rices
+    # (most CLIP-similar pool images, most similar last; the same demos for every seed).
+    selection: str = "random"
+    rices: RicesConfig = field(default_factory=RicesConfig)
     task: str = "toy_vqa"
     # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, none
     demo_modes: list[str] = field(default_factory=lambda: ["fused", "images", "text"])
@@ -635,6 +653,8 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
             f"config key {at('eval.shots')} must be a non-empty list of shot counts >= 0, "
             f"e.g. eval.shots=[0,2,4]"
         )
+    if cfg.eval.selection not in SELECTIONS:
+        raise _choice_error("eval.selection", cfg.eval.selection, SELECTIONS, origin)
     for mode in cfg.eval.demo_modes:
         if mode not in DEMO_MODES:
             raise _choice_error("eval.demo_modes", mode, DEMO_MODES, origin)

@@ -45,7 +45,7 @@ def test_run_folder_has_everything(finished_run):
     assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
                        ("text-only demos", 2)}
     assert all(r["seeds"] == 2 and r["queries"] == 8 for r in results["summary"])
-    assert results["metric"] == "exact_match" and results["selection"] == "episodic"  # toy_binding
+    assert results["metric"] == "exact_match" and results["selection"] == "random (in-episode)"  # toy_binding
     assert results["shots"] == [0, 2] and results["seeds"] == [0, 1] and results["decoding"]["num_beams"] == 1
     assert {"torch", "transformers", "lightning", "mmict_commit"} <= set(results["versions"])
     assert all(r["peak_memory_mb"] is None for r in results["summary"])  # CPU: not measured, not faked

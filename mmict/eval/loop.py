@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
-from mmict.eval.selection import DemoSelector
+from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
 
 MODE_NAMES = {"none": "zero-shot", "fused": "AIM (fused tokens)", "images": "vanilla ICL (images+text)",
@@ -68,6 +68,8 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
+    selection: str = "random",
+    rices: dict | None = None,
     progress: bool = True,
 ) -> list[TrialResult]:
     """Every (seed, shots, demo mode) trial on the same queries; decoding from the task unless given."""
@@ -76,7 +78,11 @@ def evaluate(
     max_new_tokens = max_new_tokens or task.max_new_tokens
     num_beams = num_beams or task.num_beams
     cuda = module.device.type == "cuda"
-    selector = DemoSelector(pool, episodic=task.episodic)
+    r = dict(rices or {})
+    cache_dir = r.pop("cache_dir", None)
+    selector = make_selector(selection, pool, episodic=task.episodic, clip=r or None, cache_dir=cache_dir,
+                             pool_name=f"{task.name}-train", progress=progress)
+    selector.prepare(queries)  # RICES: every query's CLIP features in batches, once
     trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else demo_modes)]
     results = []
     bar = tqdm(total=len(trials) * len(queries), desc="eval", unit="query", disable=not progress)

@@ -72,7 +72,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     dm.setup("test")
     results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),
                        demo_modes=list(ev.demo_modes), task=task, batch_size=ev.batch_size,
-                       max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams)
+                       max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, selection=ev.selection,
+                       rices=OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None)
     rows = summary_rows(results)
     chance = chance_rate(dm.queries, DemoSelector(dm.pool, episodic=task.episodic))
     comparison = aim_vs_icl(rows)
@@ -84,7 +85,9 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint, "summary": rows,
         "shots": list(ev.shots), "seeds": list(ev.seeds), "num_queries": len(dm.queries),
-        "selection": "episodic" if task.episodic else "random", "postprocess": ev.postprocess or "task default",
+        "selection": ev.selection + (" (in-episode)" if task.episodic else ""),
+        "rices": OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None,
+        "postprocess": ev.postprocess or "task default",
         "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
                      or task.max_new_tokens},
         "chance": chance, "aim_vs_icl": comparison,
