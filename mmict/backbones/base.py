@@ -90,12 +90,13 @@ class Backbone(nn.Module):
     # ---- family hooks -------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        raise NotImplementedError
+        """The LM's width (= the fused-token width); an MLLM's config keeps its LM's under `text_config`."""
+        return self.model.config.text_config.hidden_size
 
     @property
     def num_layers(self) -> int:
         """Decoder layers of the language model (hidden states come as num_layers + 1)."""
-        raise NotImplementedError
+        return self.model.config.text_config.num_hidden_layers
 
     @property
     def image_tokens_per_image(self) -> int:

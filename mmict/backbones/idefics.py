@@ -66,14 +66,6 @@ class _IdeficsBackbone(Backbone):
         return self.model.config
 
     @property
-    def hidden_size(self) -> int:
-        return self._config.text_config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._config.text_config.num_hidden_layers
-
-    @property
     def language_model(self) -> nn.Module:
         return self.model.model.text_model
 

@@ -17,14 +17,6 @@ class LlavaBackbone(Backbone):
         return self.model.config
 
     @property
-    def hidden_size(self) -> int:
-        return self._config.text_config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._config.text_config.num_hidden_layers
-
-    @property
     def image_tokens_per_image(self) -> int:
         vision = self._config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2

@@ -56,14 +56,6 @@ class Qwen2VLBackbone(Backbone):
         return self.model.model.language_model
 
     @property
-    def hidden_size(self) -> int:
-        return self._config.text_config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self._config.text_config.num_hidden_layers
-
-    @property
     def _merge(self) -> int:
         return self._config.vision_config.spatial_merge_size
 
