@@ -20,9 +20,9 @@ from mmict.eval.metrics import (
     okvqa_postprocess,
     okvqa_stem,
     p_yes_from_loglikelihoods,
-    postprocess_vqa,
     vqa_accuracy,
 )
+from mmict.eval.postprocess import postprocess_vqa
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="PTB tokenizer / METEOR need Java")
 

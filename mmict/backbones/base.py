@@ -89,14 +89,19 @@ class Backbone(nn.Module):
 
     # ---- family hooks -------------------------------------------------------------------------
     @property
+    def config(self) -> Any:
+        """The MLLM's transformers config."""
+        return self.model.config
+
+    @property
     def hidden_size(self) -> int:
         """The LM's width (= the fused-token width); an MLLM's config keeps its LM's under `text_config`."""
-        return self.model.config.text_config.hidden_size
+        return self.config.text_config.hidden_size
 
     @property
     def num_layers(self) -> int:
         """Decoder layers of the language model (hidden states come as num_layers + 1)."""
-        return self.model.config.text_config.num_hidden_layers
+        return self.config.text_config.num_hidden_layers
 
     @property
     def image_tokens_per_image(self) -> int:
@@ -111,7 +116,7 @@ class Backbone(nn.Module):
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
         """The LM's decoder layer class (FSDP wrapping and activation checkpointing unit)."""
-        raise NotImplementedError
+        return type(self.language_model.layers[0])
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -132,7 +137,7 @@ class Backbone(nn.Module):
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM's final normalisation (applied to a non-final layer's hidden states on request)."""
-        raise NotImplementedError
+        return self.language_model.norm(hidden)
 
     # ---- frozen -------------------------------------------------------------------------------
     def freeze(self) -> None:
@@ -182,6 +187,10 @@ class Backbone(nn.Module):
         included; None when the model has no template or it is switched off."""
         if not (self.use_chat_template and self.chat_template):
             return None
+        # Rendered once per template, not per query (wrap_query runs on every training prompt).
+        cached = getattr(self, "_chat_affixes_cache", None)
+        if cached is not None and cached[0] == self.chat_template:
+            return cached[1]
         rendered = None
         for content in ([{"type": "text", "text": self._CHAT_MARK}], self._CHAT_MARK):  # list form, then plain
             try:
@@ -199,6 +208,7 @@ class Backbone(nn.Module):
         bos = self.tokenizer.bos_token
         if bos and prefix.startswith(bos):
             prefix = prefix[len(bos):]  # assemble adds BOS itself
+        self._chat_affixes_cache = (self.chat_template, (prefix, suffix))
         return prefix, suffix
 
     def wrap_query(self, prompt: Prompt) -> Prompt:

@@ -48,13 +48,9 @@ class Blip2Backbone(Backbone):
     _logged_multi_image = False  # the several-images note is logged once per backbone
 
     @property
-    def _config(self):
-        return self.model.config
-
-    @property
     def is_encoder_decoder(self) -> bool:
         """True for Flan-T5 language models, False for OPT (the config's own switch)."""
-        return not self._config.use_decoder_only_language_model
+        return not self.config.use_decoder_only_language_model
 
     @property
     def language_model(self) -> nn.Module:
@@ -68,16 +64,16 @@ class Blip2Backbone(Backbone):
 
     @property
     def hidden_size(self) -> int:
-        return self._config.text_config.hidden_size  # T5Config maps hidden_size -> d_model
+        return self.config.text_config.hidden_size  # T5Config maps hidden_size -> d_model
 
     @property
     def num_layers(self) -> int:
         # T5Config maps num_hidden_layers -> num_layers, the *encoder* depth: the stack `hidden_states` reads.
-        return self._config.text_config.num_hidden_layers
+        return self.config.text_config.num_hidden_layers
 
     @property
     def image_tokens_per_image(self) -> int:
-        return self._config.num_query_tokens
+        return self.config.num_query_tokens
 
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
@@ -168,7 +164,7 @@ class Blip2Backbone(Backbone):
         """T5's decoder inputs: labels shifted right behind the start token; with no target, the start token
         alone (one decoder step: the logits of the first answer token)."""
         if labels.shape[1] == 0:
-            start = self._config.text_config.decoder_start_token_id
+            start = self.config.text_config.decoder_start_token_id
             return torch.full((labels.shape[0], 1), start, dtype=torch.long, device=labels.device)
         return self.language_model._shift_right(labels)
 

@@ -62,19 +62,8 @@ class _IdeficsBackbone(Backbone):
     image_transform_class = IdeficsImageTransform
 
     @property
-    def _config(self) -> Any:
-        return self.model.config
-
-    @property
     def language_model(self) -> nn.Module:
         return self.model.model.text_model
-
-    @property
-    def decoder_layer_cls(self) -> type[nn.Module]:
-        return type(self.language_model.layers[0])
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.norm(hidden)
 
     @property
     def image_seq_len(self) -> int:
@@ -116,7 +105,7 @@ class _IdeficsBackbone(Backbone):
         embeds = torch.split(self.embed_tokens(torch.cat(layouts)), [len(ids) for ids in layouts])
         out = []
         for ids, emb, feats in zip(layouts, embeds, features):
-            is_image = ids == self._config.image_token_id
+            is_image = ids == self.config.image_token_id
             if int(is_image.sum()) != feats.shape[0]:
                 raise RuntimeError(
                     f"{self.family}: the prompt layout has {int(is_image.sum())} image tokens but the model made "
@@ -160,7 +149,7 @@ class Idefics2Backbone(_IdeficsBackbone):
 
     @property
     def image_seq_len(self) -> int:
-        return self._config.perceiver_config.resampler_n_latents
+        return self.config.perceiver_config.resampler_n_latents
 
     def image_layout(self, image: dict[str, torch.Tensor]) -> str:
         # Idefics2Processor: one wrapped block per crop (5 with splitting), then adjacent wrappers merged.
@@ -179,8 +168,8 @@ class Idefics3Backbone(_IdeficsBackbone):
 
     @property
     def image_seq_len(self) -> int:
-        vision = self._config.vision_config
-        return int((vision.image_size // vision.patch_size) ** 2 / self._config.scale_factor**2)
+        vision = self.config.vision_config
+        return int((vision.image_size // vision.patch_size) ** 2 / self.config.scale_factor**2)
 
     def image_layout(self, image: dict[str, torch.Tensor]) -> str:
         if "rows" not in image or "cols" not in image:

@@ -22,7 +22,7 @@ class LlavaNextBackbone(LlavaBackbone):
 
     @cached_property
     def _tokens_at_default_size(self) -> int:
-        size = self._config.vision_config.image_size
+        size = self.config.vision_config.image_size
         blank = self.image_transform(PILImage.new("RGB", (size, size)))
         with torch.no_grad():
             return self.embed_images([self._to_model(blank)])[0].shape[0]
@@ -40,8 +40,8 @@ class LlavaNextBackbone(LlavaBackbone):
         out = self.model.get_image_features(
             pixel_values=torch.cat([img["pixel_values"] for img in images]),
             image_sizes=torch.stack([img["image_sizes"] for img in images]),
-            vision_feature_layer=self._config.vision_feature_layer,
-            vision_feature_select_strategy=self._config.vision_feature_select_strategy,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
             return_dict=True,
         )
         return list(out.pooler_output)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from PIL import Image as PILImage
-from torch import nn
 
 from mmict.backbones.base import Assembled, Backbone, ImageTransform
 from mmict.segments import Embeds, Image, Pixels, Segment, Text
@@ -48,16 +47,8 @@ class Qwen2VLBackbone(Backbone):
     image_transform_class = Qwen2VLImageTransform
 
     @property
-    def _config(self) -> Any:
-        return self.model.config
-
-    @property
-    def _lm(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
     def _merge(self) -> int:
-        return self._config.vision_config.spatial_merge_size
+        return self.config.vision_config.spatial_merge_size
 
     @cached_property
     def _tokens_at_default_size(self) -> int:
@@ -68,13 +59,6 @@ class Qwen2VLBackbone(Backbone):
     def image_tokens_per_image(self) -> int:
         """Positions of a square DEFAULT_IMAGE_SIDE image (wrapper tokens included); other sizes differ."""
         return self._tokens_at_default_size
-
-    @property
-    def decoder_layer_cls(self) -> type[nn.Module]:
-        return type(self._lm.layers[0])
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._lm.norm(hidden)
 
     # ---- images -------------------------------------------------------------------------------
     def embed_images(self, images: list[Pixels]) -> list[torch.Tensor]:
@@ -87,7 +71,7 @@ class Qwen2VLBackbone(Backbone):
         out = self.model.model.get_image_features(
             pixel_values=torch.cat([img["pixel_values"] for img in images]), image_grid_thw=grids, return_dict=True,
         )
-        wrap = self.embed_tokens(torch.tensor([self._config.vision_start_token_id, self._config.vision_end_token_id],
+        wrap = self.embed_tokens(torch.tensor([self.config.vision_start_token_id, self.config.vision_end_token_id],
                                               device=self.device))
         # The processor lays an image out as <|vision_start|> + image tokens + <|vision_end|>.
         return [torch.cat([wrap[:1], feats.to(wrap.dtype), wrap[1:]]) for feats in out.pooler_output]

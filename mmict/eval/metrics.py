@@ -7,7 +7,7 @@
 - Captions: pycocoevalcap's CIDEr-D, BLEU, METEOR, ROUGE-L on PTB-tokenised text.
 - Hateful Memes: ROC-AUC of P(yes) from length-normalised log-likelihoods.
 
-``postprocess_vqa``, ``normalize_answer`` and ``exact_match`` are the earlier light metric, still used by the toy
+``normalize_answer`` and ``exact_match`` are the earlier light metric, still used by the toy
 tasks. The heavy dependencies (nltk, pycocoevalcap, a JVM) are imported or started only when their metric is called,
 so importing this module stays cheap for the training loop.
 """
@@ -25,16 +25,6 @@ from typing import Literal
 
 _PUNCT = re.compile(r"[^\w\s]")
 _ARTICLES = {"a", "an", "the"}
-_STOP_WORDS = ("Question", "Answer", "Short")  # a generation runs on into the next turn: cut there
-
-
-def postprocess_vqa(generation: str) -> str:
-    """Keep the answer only: cut at the next turn marker and at the first ', ' (OpenFlamingo's rule)."""
-    for word in _STOP_WORDS:
-        generation = generation.split(word, 1)[0]
-    return generation.split(", ", 1)[0].strip()
-
-
 def normalize_answer(text: str) -> str:
     words = _PUNCT.sub(" ", text.lower()).split()
     return " ".join(w for w in words if w not in _ARTICLES)

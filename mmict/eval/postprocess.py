@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mmict.eval.metrics import postprocess_vqa
+_STOP_WORDS = ("Question", "Answer", "Short")  # a generation runs on into the next turn: cut there
+
+
+def postprocess_vqa(generation: str) -> str:
+    """Keep the answer only: cut at the next turn marker and at the first ', ' (OpenFlamingo's rule)."""
+    for word in _STOP_WORDS:
+        generation = generation.split(word, 1)[0]
+    return generation.split(", ", 1)[0].strip()
 
 
 def postprocess_caption(generation: str) -> str:
