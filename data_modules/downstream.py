@@ -1,7 +1,9 @@
 """Downstream examples (queries) and the demonstration pool they draw from.
 
 Shards hold one example per sample: an image (``jpg``/``jpeg``/``png``/``webp``) and a ``json`` with
-``id``, ``task``, ``question`` (or ``prompt``) and ``answers`` (or ``captions``, or ``label``). Splits are
+``id``, ``task``, ``question`` (or ``prompt``; Hateful Memes: the meme's written ``text``) and ``answers`` (or
+``captions``, or ``label``; a 0/1 ``label`` is also kept as ``Example.label`` for classification). A video
+sample has frame members ``frame_000.jpg``, ``frame_001.jpg``, ... instead of one image. Splits are
 separate shard sets under ``root/<task folder>/{split}-*.tar``; the demo pool is the train split. The
 sets are small (thousands), so they are loaded into memory once; corrupt samples are skipped and counted.
 """
@@ -27,18 +29,21 @@ logger = logging.getLogger(__name__)
 # Task -> its folder under data.root; the real benchmarks' converters write <root>/<task>/{train,test}-*.tar.
 TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa", "toy_binding": "binding", "vqav2": "vqav2", "okvqa": "okvqa",
                              "vizwiz": "vizwiz", "textvqa": "textvqa", "coco_caption": "coco_caption",
-                             "flickr30k": "flickr30k"}
+                             "flickr30k": "flickr30k", "hateful_memes": "hateful_memes",
+                             "msvd_caption": "msvd_caption", "msvd_qa": "msvd_qa", "msrvtt_caption": "msrvtt_caption",
+                             "msrvtt_qa": "msrvtt_qa"}
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
 class Example:
     id: str
-    image: torch.Tensor
+    image: torch.Tensor | list[torch.Tensor]  # the backbone's image input; a video: one per frame (MMICT)
     question: str
     answers: list[str]
     task: str
     group: str | None = None  # the episode an example belongs to (binding tasks), from json "episode"
+    label: int | None = None  # a binary class (Hateful Memes: 1 = hateful), from json "label" when it is 0/1
     # The encoded image as stored (far smaller than `image`): RICES embeds it with CLIP's own preprocessing.
     image_bytes: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -51,6 +56,21 @@ def _answers(meta: dict) -> list[str] | None:
     if "label" in meta and meta["label"] is not None:
         return [str(meta["label"])]
     return None
+
+
+def _binary_label(meta: dict) -> int | None:
+    """json "label" as 0/1 when it is one (an int, a bool or the strings "0"/"1"), else None."""
+    value = meta.get("label")
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | str) and str(value).strip() in ("0", "1"):
+        return int(str(value).strip())
+    return None
+
+
+def _frame_keys(sample: dict) -> list[str]:
+    """A video sample's frame members (``frame_000.jpg``, ``frame_001.jpg``, ...) in order."""
+    return sorted(k for k in sample if k.startswith("frame") and k.rsplit(".", 1)[-1] in IMAGE_KEYS)
 
 
 def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | None:
@@ -71,22 +91,29 @@ def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | 
         record_skip("missing answers")
         return None
     data = next((sample[key] for key in IMAGE_KEYS if key in sample), None)
-    if data is None:
+    frames = _frame_keys(sample) if data is None else []
+    if data is None and not frames:
         record_skip("missing image")
         return None
     try:
-        image = decode_image(data)
+        if frames:  # a video: its frames in order, each as the backbone's image input
+            image = [image_transform(decode_image(sample[key])) for key in frames]
+            data = sample[frames[0]]
+        else:
+            image = image_transform(decode_image(data))
     except Exception:  # PIL raises many types for bad bytes
         record_skip("image does not decode")
         return None
     return Example(
         id=str(meta.get("id", sample["__key__"])),
-        image=image_transform(image),
+        image=image,
         image_bytes=data,
-        question=str(meta.get("question", meta.get("prompt", ""))),
+        # Hateful Memes keeps the meme's words in "text" (the dataset's own field): they are its question.
+        question=str(meta.get("question", meta.get("prompt", meta.get("text", "")))),
         answers=answers,
         task=str(meta.get("task", "")),
         group=str(meta["episode"]) if meta.get("episode") is not None else None,
+        label=_binary_label(meta),
     )
 
 

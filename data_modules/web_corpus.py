@@ -417,10 +417,14 @@ class WebCorpusDataModule(L.LightningDataModule):
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
 
+    def _split_glob(self, split: str) -> str:
+        """Where a split's shards are looked for (named in errors and warnings)."""
+        return str(self.root / "web" / f"{split}-*.tar")
+
     def _shards(self, split: str, required: bool) -> list[str]:
         urls = find_shards(self.root, "web", split)
         if not urls and required:
-            raise missing_shards_error(self.root, str(self.root / "web" / f"{split}-*.tar"), "The web corpus")
+            raise missing_shards_error(self.root, self._split_glob(split), "The web corpus")
         return urls
 
     def setup(self, stage: str | None = None) -> None:
@@ -429,6 +433,9 @@ class WebCorpusDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate"):
             # A corpus without a val split can still train; `validate` alone cannot do without one.
             self.val_urls = self._shards("val", required=stage == "validate")
+
+    def has_val(self) -> bool:
+        return bool(self._shards("val", required=False))
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -460,7 +467,7 @@ class WebCorpusDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         urls = self.val_urls or self._shards("val", required=False)
         if not urls:
-            logger.warning("no validation shards under %s: skipping validation", self.root / "web")
+            logger.warning("no validation shards (%s): skipping validation", self._split_glob("val"))
             return []
         # val_episodes caps each rank's share: about val_episodes in all.
         _, world_size = self._rank_and_world()

@@ -63,7 +63,8 @@ __all__ = [
 EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent / "experiments"
 
 # Methods the training entry point knows how to build. Extend this when a new LightningModule lands.
-METHODS: tuple[str, ...] = ("aim", "finetune")
+METHODS: tuple[str, ...] = ("aim", "finetune", "mmict")
+DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # mmict.modules.mmict.DEMO_DESIGNS
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # mmict.prompts.DEMO_MODES
@@ -145,9 +146,36 @@ class AIMConfig:
 
 
 @dataclass
+class HubSizes:
+    """A fresh M-Hub's Q-Former sizes (ignored when it starts from a BLIP-2 checkpoint, which has its own)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2  # a cross-attention block every N layers (BLIP-2: 2)
+    num_query_tokens: int = 32
+    max_text_tokens: int = 64  # M-Hub text positions (longer demo/prompt texts are truncated)
+
+
+@dataclass
+class MMICTConfig:
+    hub: HubSizes = field(default_factory=HubSizes)
+    init_from_backbone: bool = True  # BLIP-2 backbones: start from the checkpoint's Q-Former, queries, projection
+    hub_tokenizer: Optional[str] = None  # the M-Hub's text tokenizer (e.g. bert-base-uncased); null: the LLM's
+    eoc_trainable: bool = False  # the <eoc> separator's embedding trains (a saved copy) or stays the frozen row
+    temporal_embedding: bool = False  # video: a learned per-frame embedding on the frames' vision tokens
+    max_frames: int = 32  # frames the temporal embedding covers
+
+
+@dataclass
 class MethodConfig:
-    name: str = "aim"
+    name: str = "aim"  # aim | finetune | mmict
+    # How demonstrations enter the prompt (MMICT): fused (M-Hub text features), concat (vanilla ICT: visual
+    # features + demo text), text (demo text only), none (vanilla fine-tune). AIM's own is fused.
+    demo_design: str = "fused"
     aim: AIMConfig = field(default_factory=AIMConfig)
+    mmict: MMICTConfig = field(default_factory=MMICTConfig)
 
 
 @dataclass
@@ -180,6 +208,10 @@ class DataConfig:
     epoch_size: int = 2000
     shuffle_buffer: int = 500
     val_episodes: int = 64
+    # Training episodes: null = cut from the interleaved web corpus (AIM); a downstream task name (e.g. vqav2)
+    # = query and demos drawn from that task's train split (MMICT), validated on `val_split`.
+    task: Optional[str] = None
+    val_split: str = "val"
 
 
 @dataclass
@@ -241,8 +273,9 @@ class EvalConfig:
     selection: str = "random"
     rices: RicesConfig = field(default_factory=RicesConfig)
     task: str = "toy_vqa"
-    # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, none
-    demo_modes: list[str] = field(default_factory=lambda: ["fused", "images", "text"])
+    # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, concat (MMICT's
+    # vanilla ICT), none; null: the method's own (AIM: fused, images, text; MMICT: its demo_design).
+    demo_modes: Optional[list[str]] = None
 
 
 @dataclass
@@ -655,10 +688,23 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         )
     if cfg.eval.selection not in SELECTIONS:
         raise _choice_error("eval.selection", cfg.eval.selection, SELECTIONS, origin)
-    for mode in cfg.eval.demo_modes:
-        if mode not in DEMO_MODES:
-            raise _choice_error("eval.demo_modes", mode, DEMO_MODES, origin)
-    if cfg.method.name != "aim" and "fused" in cfg.eval.demo_modes:
+    if cfg.data.task is not None:
+        from data_modules.downstream import TASK_DIRS
+
+        if cfg.data.task not in TASK_DIRS:
+            raise _choice_error("data.task", cfg.data.task, sorted(TASK_DIRS), origin)
+    if cfg.method.demo_design not in DEMO_DESIGNS:
+        raise _choice_error("method.demo_design", cfg.method.demo_design, DEMO_DESIGNS, origin)
+    if cfg.method.name != "mmict" and cfg.method.demo_design != "fused":
+        raise ConfigError(
+            f"config key {at('method.demo_design')} chooses MMICT's demonstration design; method.name="
+            f"{cfg.method.name} has its own. Fix: method.name=mmict, or drop method.demo_design"
+        )
+    modes = DEMO_DESIGNS if cfg.method.name == "mmict" else DEMO_MODES
+    for mode in cfg.eval.demo_modes or ():
+        if mode not in modes:
+            raise _choice_error("eval.demo_modes", mode, modes, origin)
+    if cfg.method.name == "finetune" and "fused" in (cfg.eval.demo_modes or ()):
         raise ConfigError(
             f"config key {at('eval.demo_modes')} asks for fused demos, which method.name={cfg.method.name} "
             "does not make. Fix: eval.demo_modes=[none] (or [none,images,text])"

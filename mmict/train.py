@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import SkippedSamplesReport
+from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
 from mmict.config import load_config, save_config
@@ -42,12 +43,21 @@ def prepare_data(cfg: DictConfig) -> None:
         write_toy_world(cfg.data.root, **OmegaConf.to_container(cfg.data.toy))
 
 
-def find_shards_or_fail(root: str) -> None:
-    """The web corpus's training shards must exist; the error names the command that builds them."""
-    from data_modules.web_corpus import find_shards, missing_shards_error
+def build_datamodule(cfg: DictConfig, image_transform: Any) -> WebCorpusDataModule:
+    """Training episodes: cut from the web corpus (`data.task` null, AIM), or from a downstream task's train
+    split (`data.task`, MMICT)."""
+    d = cfg.data
+    common = dict(image_transform=image_transform, batch_size=d.batch_size, num_workers=d.num_workers,
+                  min_shots=d.min_shots, max_shots=d.max_shots, epoch_size=d.epoch_size,
+                  shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, val_episodes=d.val_episodes)
+    if d.task is None:
+        return WebCorpusDataModule(d.root, **common)
+    return TaskEpisodeDataModule(d.root, task=d.task, val_split=d.val_split, **common)
 
-    if not find_shards(Path(root), "web", "train"):
-        raise missing_shards_error(root, str(Path(root) / "web" / "train-*.tar"), "The web corpus")
+
+def find_shards_or_fail(cfg: DictConfig) -> None:
+    """The training shards must exist; the error names the command that builds them."""
+    build_datamodule(cfg, image_transform=None)._shards("train", required=True)
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -101,26 +111,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     prepare_data(cfg)
     # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
-    find_shards_or_fail(cfg.data.root)
+    find_shards_or_fail(cfg)
     module = METHODS[cfg.method.name](cfg)
     run_dir = make_run_dir(cfg.run_root, cfg.name)
     save_config(cfg, run_dir / "config.yaml")
     log.info("run folder: %s", run_dir)
 
-    d = cfg.data
-    datamodule = WebCorpusDataModule(
-        d.root, image_transform=module.backbone.image_transform, batch_size=d.batch_size,
-        num_workers=d.num_workers, min_shots=d.min_shots, max_shots=d.max_shots, epoch_size=d.epoch_size,
-        shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, val_episodes=d.val_episodes,
-    )
+    datamodule = build_datamodule(cfg, module.backbone.image_transform)
     trainer, skipped = build_trainer(cfg, run_dir)
-    # Validation before any step is the reference the trained projector is judged against.
-    before = trainer.validate(module, datamodule=datamodule, verbose=False)
+    # Validation before any step is the reference the trained parts are judged against.
+    has_val = datamodule.has_val()
+    before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
     trainer.fit(module, datamodule=datamodule)
     # fit validates every `val_check_interval` steps; when that includes the last step, its result is
     # the "after" number and validating again would only repeat the work.
     tr = cfg.trainer
-    if tr.max_steps % tr.val_check_interval == 0 and "val/loss" in trainer.callback_metrics:
+    if not has_val:
+        after = []
+    elif tr.max_steps % tr.val_check_interval == 0 and "val/loss" in trainer.callback_metrics:
         after = [{"val/loss": float(trainer.callback_metrics["val/loss"])}]
     else:
         after = trainer.validate(module, datamodule=datamodule, verbose=False)

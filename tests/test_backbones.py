@@ -63,10 +63,10 @@ def test_finetune_trains_lora_only_and_saves_only_lora(tiny_backbone_dir):
     with pytest.raises(ConfigError, match="backbone.lora.r"):
         tiny_cfg(tiny_backbone_dir, "method.name=finetune", "eval.demo_modes=[none]")
     with pytest.raises(ConfigError, match="eval.demo_modes=\\[none\\]"):
-        tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4")
-    cfg = tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "eval.demo_modes=[none]",
-                   "optim.warmup_steps=0")
+        tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "eval.demo_modes=[fused,images]")
+    cfg = tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "optim.warmup_steps=0")
     module = FinetuneModule(cfg)
+    assert module.eval_demo_modes() == ["none"]  # eval.demo_modes null: the method's own
     batch = episode_batch(module.backbone)
     prompts = module.batch_prompts(batch)
     assert all(not any(isinstance(s, Image) for s in p[:-3]) for p in prompts)  # no demos: query only

@@ -196,6 +196,73 @@ def test_okvqa_postprocess_cuts_before_stemming(monkeypatch):
     assert calls == ["snowboarding "]
 
 
+def fake_nltk_data(root) -> str:
+    """Empty folders where NLTK looks for the three resources: enough for the presence check, no real data."""
+    for resource in metrics._NLTK_RESOURCES.values():
+        (root / resource).mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+def test_okvqa_stem_wires_tokenizer_tagger_and_verb_lemmatizer(tmp_path, empty_nltk_path, monkeypatch):
+    """okvqa_stem as OpenFlamingo's OKVQAStemmer.stem: word_tokenize, then pos_tag on its tokens, then per word the
+    manual table, else WordNet's *verb* lemma for "-ing" words (whatever their tag), else singularize plural nouns
+    (NNS/NNPS). NLTK's tokenizer, tagger and lemmatizer are replaced by stand-ins that give what they would."""
+    import nltk
+    from nltk.corpus.reader import VERB
+
+    tags = {"dogs": "NNS", "are": "VBP", "skiing": "VBG", "on": "IN", "mountains": "NNS", "Americans": "NNPS",
+            "buildings": "NNS", "ceiling": "NN", "runs": "VBZ", "glass": "NN"}
+    verb_lemmas = {"skiing": "ski"}  # WordNet returns a word it has no verb lemma for unchanged ("ceiling")
+    calls: dict[str, list] = {"tokenize": [], "tag": [], "lemmatize": []}
+
+    class StandInLemmatizer:
+        def lemmatize(self, word: str, pos: str = "n") -> str:
+            calls["lemmatize"].append((word, pos))
+            return verb_lemmas.get(word, word) if pos == VERB else word
+
+    def tokenize(text: str) -> list[str]:
+        calls["tokenize"].append(text)
+        return text.split()
+
+    def pos_tag(tokens: list[str]) -> list[tuple[str, str]]:
+        calls["tag"].append(list(tokens))
+        return [(t, tags[t]) for t in tokens]
+
+    monkeypatch.setattr(nltk.tokenize, "word_tokenize", tokenize)
+    monkeypatch.setattr(nltk, "pos_tag", pos_tag)
+    monkeypatch.setattr(nltk.stem, "WordNetLemmatizer", StandInLemmatizer)
+    data = fake_nltk_data(tmp_path / "nltk_data")
+
+    assert okvqa_stem("dogs are skiing", nltk_data_dir=data) == "dog are ski"
+    assert calls["tokenize"] == ["dogs are skiing"] and calls["tag"] == [["dogs", "are", "skiing"]]
+    assert calls["lemmatize"] == [("skiing", VERB)]  # only the "-ing" word, as a verb
+    # manual table first ("buildings" -> "build", never singularized to "building"), NNPS singularized too,
+    # "-ing" nouns still go to the verb lemmatizer, other tags are kept
+    assert okvqa_stem("Americans on mountains buildings ceiling runs glass", nltk_data_dir=data) == \
+        "American on mountain build ceiling runs glass"
+    assert calls["lemmatize"][-1] == ("ceiling", VERB)
+
+    # What the eval loop calls for OK-VQA: cut at "Question", stem, then VQA accuracy against the (stemmed)
+    # OK-VQA v1.1 answers. Unstemmed, "dogs" would match none of them.
+    from mmict.eval.tasks import get_task
+
+    okvqa = get_task("okvqa")
+    monkeypatch.setenv("NLTK_DATA", data)
+    answer = okvqa.postprocess("dogs Question: what")
+    assert answer == "dog" and okvqa.score(answer, ["dog"] * 10) == 1.0
+    assert okvqa.score("dogs", ["dog"] * 10) == 0.0
+
+
+def test_okvqa_task_without_nltk_data_fails_with_the_install_command(tmp_path, empty_nltk_path, monkeypatch):
+    from mmict.eval.tasks import get_task
+
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "empty"))
+    with pytest.raises(MissingNLTKResourceError) as err:
+        get_task("okvqa").postprocess("dogs")
+    assert err.value.missing == ["punkt_tab", "averaged_perceptron_tagger_eng", "wordnet"]
+    assert f"python -m nltk.downloader -d {tmp_path / 'empty'} punkt_tab" in str(err.value)
+
+
 def _nltk_data_present() -> bool:
     try:
         metrics._prepare_nltk(None)

@@ -214,3 +214,62 @@ def test_rices_refused_on_episodic_task_and_needs_raw_images(clip_name):
 def test_missing_weights_error_says_how_to_get_them(tmp_path):
     with pytest.raises(RuntimeError, match=r"RICES needs pretrained CLIP weights.*create_model_and_transforms"):
         ClipEncoder.from_open_clip("ViT-B-32", pretrained=str(tmp_path / "missing.pt"), device="cpu")
+
+
+def test_rices_through_the_eval_runner_caches_pool_features(clip_name, tmp_path, tiny_backbone, tiny_backbone_dir,
+                                                            monkeypatch):
+    """A whole `run_eval` with eval.selection=rices (the tiny CLIP as a local-dir: model): results.json records
+    the selection, the pool's features are written to the cache on the first run and only read on the second."""
+    from data_modules.toy_world import write_toy_world
+    from mmict.config import load_config
+    from mmict.eval.runner import run_eval
+    from mmict.modules.base import FrozenBackboneModule
+
+    write_toy_world(tmp_path / "toy", num_docs=0, val_docs=0, vqa_train=8, vqa_test=3, binding_episodes=0,
+                    image_size=16)
+    cache_dir = tmp_path / "rices_cache"
+    cfg = load_config("toy_aim", [
+        f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'toy'}",
+        f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null", "eval.task=toy_vqa",
+        "eval.shots=[0,2]", "eval.seeds=[0,1]", "eval.num_queries=3", "eval.demo_modes=[images]",
+        "eval.max_new_tokens=2", "eval.selection=rices", f"eval.rices.model={clip_name}", "eval.rices.pretrained=null",
+        "eval.rices.device=cpu", "eval.rices.batch_size=8", f"eval.rices.cache_dir={cache_dir}", "logger.wandb=false",
+    ])
+    encoded: list[int] = []  # images per encode_examples call, over both runs
+    selected: list[tuple[str, list[str]]] = []
+    encode, select = ClipEncoder.encode_examples, RICESSelector.select
+
+    def counting_encode(self, examples, *args, **kwargs):
+        encoded.append(len(examples))
+        return encode(self, examples, *args, **kwargs)
+
+    def recording_select(self, rng, query, k):
+        demos = select(self, rng, query, k)
+        if k:
+            selected.append((query.id, [d.id for d in demos]))
+        return demos
+
+    monkeypatch.setattr(ClipEncoder, "encode_examples", counting_encode)
+    monkeypatch.setattr(RICESSelector, "select", recording_select)
+    module = FrozenBackboneModule(cfg, backbone=tiny_backbone)
+
+    run_eval(module, cfg, tmp_path / "eval")
+    assert encoded == [8, 3]  # the pool, then the queries
+    (cache_file,) = cache_dir.iterdir()
+    assert cache_file.name.startswith("rices-toy_vqa-train-")
+    stamp = cache_file.stat().st_mtime_ns
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["selection"] == "rices" and results["rices"]["model"] == clip_name
+    assert results["rices"]["cache_dir"] == str(cache_dir)
+    # RICES picked every k-shot trial's demos: 3 queries x 2 seeds at k=2, the same
+    # demos for both seeds (RICES is deterministic), so both seeds score alike.
+    assert len(selected) == 6 and selected[:3] == selected[3:] and all(len(ids) == 2 for _, ids in selected)
+    two_shot = [t for t in results["trials"] if t["shots"] == 2]
+    assert two_shot[0]["predictions"] == two_shot[1]["predictions"]
+
+    encoded.clear()
+    run_eval(module, cfg, tmp_path / "eval")
+    assert encoded == [3]  # only the queries: the pool's features come from the cache, untouched
+    assert list(cache_dir.iterdir()) == [cache_file] and cache_file.stat().st_mtime_ns == stamp
+    again = json.loads((tmp_path / "eval" / "results-1.json").read_text())  # the first report is kept
+    assert again["summary"] == results["summary"]

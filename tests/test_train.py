@@ -84,8 +84,10 @@ def test_baselines_evaluate_without_a_checkpoint(finished_run, capsys):
              "data.toy.vqa_train=20", "data.toy.vqa_test=12", "data.toy.binding_episodes=4",
              "eval.num_queries=6", "eval.seeds=[0]"]
     with pytest.raises(ConfigError, match="needs a trained projector"):
-        main(["--exp", "toy_aim", *base])
-    main(["--exp", "toy_aim", "--shots", "0,1", "eval.demo_modes=[images,text]", *base])
+        main(["--exp", "toy_aim", "eval.demo_modes=[fused,images]", *base])
+    with pytest.raises(ConfigError, match="M-Hub has no training-free baseline"):
+        main(["--exp", "toy_mmict", *base])
+    main(["--exp", "toy_aim", "--shots", "0,1", *base])  # eval.demo_modes null: the training-free ones
     assert "vanilla ICL" in capsys.readouterr().out
     runs = sorted(Path(cfg.run_root, cfg.name).glob("*/eval/results.json"))
     latest = json.loads(runs[-1].read_text())
@@ -93,3 +95,26 @@ def test_baselines_evaluate_without_a_checkpoint(finished_run, capsys):
         ("zero-shot", 0), ("vanilla ICL (images+text)", 1), ("text-only demos", 1)}
     with pytest.raises(ConfigError, match="comma-separated integers"):
         main(["--exp", "toy_aim", "--shots", "0,four", *base])
+
+
+def test_mmict_trains_on_the_task_and_its_checkpoint_evaluates(tmp_path_factory, tiny_backbone_dir):
+    root = tmp_path_factory.mktemp("e2e_mmict")
+    cfg = load_config("toy_mmict", [
+        f"run_root={root / 'runs'}", f"data.root={root / 'toy'}",
+        f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null", "method.demo_design=concat",
+        "data.toy.num_docs=8", "data.toy.val_docs=4", "data.toy.vqa_train=40", "data.toy.vqa_test=12",
+        "data.toy.image_size=16", "data.toy.binding_episodes=2", "data.batch_size=4", "data.num_workers=0",
+        "data.epoch_size=40", "data.val_episodes=8", "trainer.max_steps=10", "trainer.val_check_interval=5",
+        "trainer.checkpoint_every_n_steps=5", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
+        "optim.warmup_steps=0", "optim.lr=1e-3", "eval.num_queries=8", "eval.shots=[0,2]", "eval.seeds=[0]",
+    ])
+    summary = train(cfg)
+    run = Path(summary["run_dir"])
+    assert summary["val_loss"]["after"] < summary["val_loss"]["before"]  # validated on data.val_split=test
+    results = json.loads((run / "eval/results.json").read_text())
+    assert {(r["method"], r["shots"]) for r in results["summary"]} == {
+        ("zero-shot", 0), ("vanilla ICT (visual features + demo text)", 2)}
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"] and all(k.startswith("hub.") for k in ckpt["state_dict"])  # no frozen weights
+    rows = evaluate_checkpoint(run / "checkpoints/last.ckpt", ["eval.shots=[2]"])
+    assert rows[0]["accuracy_mean"] == results["summary"][1]["accuracy_mean"]  # same weights, same demos

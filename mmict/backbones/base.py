@@ -127,6 +127,25 @@ class Backbone(nn.Module):
         <|vision_start|>, included). Tensors arrive on the model's device and dtype."""
         raise NotImplementedError
 
+    # ---- frozen vision features (MMICT's M-Hub cross-attends to them) ---------------------------
+    @property
+    def vision_hidden_size(self) -> int:
+        """Width of `vision_features`: the vision tower's, before any projection into the LM."""
+        return self.config.vision_config.hidden_size
+
+    def vision_features(self, images: list[Pixels]) -> list[torch.Tensor]:
+        """Preprocessed images -> one (n_i, vision_hidden_size) tensor each: the frozen vision tower's patch
+        features *before* its output LayerNorm, which MMICT trains as its own copy (`vision_output_norm`)."""
+        raise NotImplementedError(
+            f"backbone.family={self.family} has no vision_features hook, which MMICT's M-Hub needs; "
+            "families with one: blip2, llava"
+        )
+
+    def vision_output_norm(self) -> nn.LayerNorm | None:
+        """The vision tower's output LayerNorm when `vision_features` leaves it out (the M-Hub starts from a
+        copy); None when the family has none to copy."""
+        return None
+
     def position_ids(self, attention_mask: torch.Tensor, layouts: list[list[tuple[Segment, int]]]) -> torch.Tensor:
         """Position ids for a padded batch; `layouts[b]` lists prompt b's segments with their lengths.
 
@@ -178,6 +197,30 @@ class Backbone(nn.Module):
         if not texts:
             return []
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def add_special_token(self, token: str) -> int:
+        """Make `token` one real token of the tokenizer and the frozen model (MMICT's `<eoc>`); its id.
+
+        A token the tokenizer lacks is added and the embedding tables grow by one row, set to the mean of
+        the existing rows (input embeddings, and the output head when it is not tied), so the row is the
+        same on every load and the token is never a favoured prediction. Adding it again is a no-op.
+        """
+        if token in self.tokenizer.get_vocab():
+            return self.tokenizer.convert_tokens_to_ids(token)
+        self.tokenizer.add_tokens([token], special_tokens=True)  # never split; skipped when decoding
+        new_id = self.tokenizer.convert_tokens_to_ids(token)
+        old_in = self.model.get_input_embeddings().weight
+        out = self.model.get_output_embeddings()
+        tied = out is not None and out.weight.data_ptr() == old_in.data_ptr()
+        mean_in = old_in.detach().mean(dim=0)
+        mean_out = None if out is None or tied else out.weight.detach().mean(dim=0)
+        self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            self.model.get_input_embeddings().weight[new_id] = mean_in
+            if mean_out is not None:
+                self.model.get_output_embeddings().weight[new_id] = mean_out
+        self.freeze()
+        return new_id
 
     # ---- chat template --------------------------------------------------------------------------
     _CHAT_MARK = "\x00mmict-user-turn\x00"

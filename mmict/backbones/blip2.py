@@ -84,6 +84,15 @@ class Blip2Backbone(Backbone):
         out = self.model.get_image_features(pixel_values=self.stack_same_shape(images), return_dict=True)
         return list(out.pooler_output)  # (num_query_tokens, D) each: Q-Former queries through language_projection
 
+    # ---- MMICT: the ViT's patch features before `post_layernorm` (LAVIS's `ln_vision`, which MMICT trains) ----
+    def vision_features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        vision = self.model.vision_model
+        hidden = vision.embeddings(self.stack_same_shape(images))
+        return list(vision.encoder(inputs_embeds=hidden).last_hidden_state)
+
+    def vision_output_norm(self) -> nn.LayerNorm:
+        return self.model.vision_model.post_layernorm
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         lm = self.language_model
         if self.is_encoder_decoder:

@@ -26,3 +26,21 @@ class LlavaBackbone(Backbone):
             return_dict=True,
         )
         return list(out.pooler_output)
+
+    # ---- MMICT: the vision tower's features, without LLaVA's projector ---------------------------
+    def _feature_layers(self) -> list[int]:
+        layer = self.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.config.vision_config.hidden_size * len(self._feature_layers())
+
+    def vision_features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The hidden states LLaVA's projector reads (its feature layer(s), CLS dropped under "default")."""
+        out = self.model.model.vision_tower(self.stack_same_shape(images), output_hidden_states=True,
+                                            return_dict=True)
+        feats = torch.cat([out.hidden_states[layer] for layer in self._feature_layers()], dim=-1)
+        if self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return list(feats)

@@ -49,7 +49,7 @@ class ToyPretrainModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_warmup_cosine(self.trainable, lr=self.lr, weight_decay=0.01,
+        return adamw_warmup_cosine([{"params": self.trainable, "weight_decay": 0.01}], lr=self.lr,
                                    warmup_steps=self.warmup_steps, total_steps=self.max_steps)
 
 

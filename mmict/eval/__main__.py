@@ -40,6 +40,10 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
     from mmict.runs import make_run_dir
 
     cfg = load_config(experiment, overrides)
+    if cfg.method.name == "mmict":
+        raise ConfigError("MMICT's M-Hub has no training-free baseline (it is trained with the method): pass a "
+                          "checkpoint (mmict eval runs/<exp>/<time>/checkpoints/last.ckpt)")
+    cfg.eval.demo_modes = list(cfg.eval.demo_modes or ["images", "text"])  # null: the training-free ones
     if "fused" in cfg.eval.demo_modes:
         raise ConfigError(
             f"eval.demo_modes={list(cfg.eval.demo_modes)} includes fused, which needs a trained projector: pass a "

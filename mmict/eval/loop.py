@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
+from mmict.eval.likelihood import class_probabilities
 from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
 
 MODE_NAMES = {"none": "zero-shot", "fused": "AIM (fused tokens)", "images": "vanilla ICL (images+text)",
-              "text": "text-only demos"}
+              "text": "text-only demos", "concat": "vanilla ICT (visual features + demo text)"}
 
 
 @dataclass
@@ -32,7 +33,8 @@ class TrialResult:
     context_tokens: float  # mean real tokens the frozen LM attends over per query
     num_queries: int
     peak_memory_mb: float | None = None  # peak accelerator memory of the trial (None on CPU: not measured)
-    predictions: list[dict] | None = None  # per query: id, post-processed answer, raw generation
+    # per query: id, post-processed answer, raw generation (classify tasks: id, P(positive class), label)
+    predictions: list[dict] | None = None
 
 
 def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task) -> dict:
@@ -72,7 +74,10 @@ def evaluate(
     rices: dict | None = None,
     progress: bool = True,
 ) -> list[TrialResult]:
-    """Every (seed, shots, demo mode) trial on the same queries; decoding from the task unless given."""
+    """Every (seed, shots, demo mode) trial on the same queries; decoding from the task unless given.
+
+    A "classify" task generates nothing: each query's P(positive class) comes from the log-likelihoods of the
+    task's class names after its prompt (`likelihood.class_probabilities`) and is what the trial scores."""
     module.eval()
     task = get_task(task) if isinstance(task, str) else task
     max_new_tokens = max_new_tokens or task.max_new_tokens
@@ -83,7 +88,10 @@ def evaluate(
     selector = make_selector(selection, pool, episodic=task.episodic, clip=r or None, cache_dir=cache_dir,
                              pool_name=f"{task.name}-train", progress=progress)
     selector.prepare(queries)  # RICES: every query's CLIP features in batches, once
-    trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else demo_modes)]
+    references = [task.reference(q) for q in queries]  # before any trial: a query without one fails now
+    # k demos shown "none" would repeat the zero-shot trial: a no-demo method is scored at 0 shots only.
+    shown = [m for m in demo_modes if m != "none"]
+    trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else shown)]
     results = []
     bar = tqdm(total=len(trials) * len(queries), desc="eval", unit="query", disable=not progress)
     for seed, k, mode in trials:
@@ -97,29 +105,38 @@ def evaluate(
             batch = episode_batch(q, d, task)
             batch = {key: v.to(module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
-            assembled = module.backbone.assemble(prompts, padding_side="left")
-            ctx += assembled.context_tokens.tolist()
-            outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens, num_beams=num_beams)
-            for out, ex in zip(outputs, q):
-                answers.append(task.postprocess(out))
-                records.append({"id": ex.id, "answer": answers[-1], "generation": out})
+            if task.kind == "classify":
+                probs, batch_ctx = class_probabilities(module.backbone, prompts, task.classes)
+                ctx += batch_ctx
+                answers += probs
+                key = f"p_{task.classes[0]}"
+                records += [{"id": ex.id, key: p, "label": task.reference(ex)} for p, ex in zip(probs, q)]
+            else:
+                assembled = module.backbone.assemble(prompts, padding_side="left")
+                ctx += assembled.context_tokens.tolist()
+                outputs = module.backbone.generate_from(assembled, max_new_tokens=max_new_tokens,
+                                                        num_beams=num_beams)
+                for out, ex in zip(outputs, q):
+                    answers.append(task.postprocess(out))
+                    records.append({"id": ex.id, "answer": answers[-1], "generation": out})
             bar.update(len(q))
         peak = torch.cuda.max_memory_allocated(module.device) / 2**20 if cuda else None
-        score = task.score_trial(answers, [ex.answers for ex in queries])
+        score = task.score_trial(answers, references)
         results.append(TrialResult(mode, k, seed, score, sum(ctx) / len(ctx), len(answers), peak, records))
     bar.close()
     return results
 
 
-def summary_rows(results: Sequence[TrialResult]) -> list[dict]:
-    """Mean and std over seeds per (method, shots)."""
+def summary_rows(results: Sequence[TrialResult], labels: Mapping[str, str] | None = None) -> list[dict]:
+    """Mean and std over seeds per (method, shots); `labels` names demo modes where a method's own differ."""
+    names = {**MODE_NAMES, **(labels or {})}
     groups: dict[tuple[str, int], list[TrialResult]] = {}
     for r in results:
         groups.setdefault((r.method, r.shots), []).append(r)
     rows = []
     for (method, k), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         accs = [r.accuracy for r in rs]
-        rows.append({"method": MODE_NAMES.get(method, method), "shots": k,
+        rows.append({"method": names.get(method, method), "shots": k,
                      "accuracy_mean": statistics.fmean(accs),
                      "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "context_tokens": statistics.fmean(r.context_tokens for r in rs),

@@ -71,10 +71,10 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
                               num_queries=ev.num_queries)
     dm.setup("test")
     results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),
-                       demo_modes=list(ev.demo_modes), task=task, batch_size=ev.batch_size,
+                       demo_modes=module.eval_demo_modes(), task=task, batch_size=ev.batch_size,
                        max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, selection=ev.selection,
                        rices=OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None)
-    rows = summary_rows(results)
+    rows = summary_rows(results, labels=module.mode_labels)
     chance = chance_rate(dm.queries, DemoSelector(dm.pool, episodic=task.episodic))
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
@@ -88,8 +88,10 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         "selection": ev.selection + (" (in-episode)" if task.episodic else ""),
         "rices": OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None,
         "postprocess": ev.postprocess or "task default",
+        "kind": task.kind,
+        # classify tasks generate nothing: their classes are scored by length-normalised log-likelihood
         "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
-                     or task.max_new_tokens},
+                     or task.max_new_tokens} if task.kind == "generate" else {"classes": list(task.classes)},
         "chance": chance, "aim_vs_icl": comparison,
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),

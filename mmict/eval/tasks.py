@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from data_modules.downstream import Example
 from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
 from data_modules.toy_world import vqa_demo_text, vqa_prompt
-from mmict.eval.metrics import cider, exact_match, okvqa_postprocess, vqa_accuracy
+from mmict.eval.metrics import cider, exact_match, hateful_memes_auc, okvqa_postprocess, vqa_accuracy
 from mmict.eval.postprocess import first_word, postprocess_caption, postprocess_vqa
 
 
@@ -20,6 +21,11 @@ class Task:
     name: str
     query_prompt: Callable[[Example], str]
     demo_text: Callable[[Example], str]
+    # "generate": the model writes an answer, post-processed and scored. "classify": no generation; each of
+    # `classes` is scored as a continuation of the query prompt by its length-normalised log-likelihood, and
+    # the trial's answers are P(first class) per query (Hateful Memes: P("yes")), scored by `corpus_score`.
+    kind: Literal["generate", "classify"] = "generate"
+    classes: tuple[str, ...] = ()
     # Generation -> the answer that is scored.
     postprocess: Callable[[str], str] = postprocess_vqa
     # Episodic tasks draw a query's demos from its own episode (`Example.group`), balanced over the
@@ -30,15 +36,24 @@ class Task:
     metric: str = "exact_match"
     # ... unless the metric is corpus-level (CIDEr's document frequencies, ROC-AUC): then this scores
     # all of a trial's answers at once, (answers, references) -> score.
-    corpus_score: Callable[[list[str], list[list[str]]], float] | None = None
-
-    def score_trial(self, predictions: list[str], references: list[list[str]]) -> float:
-        if self.corpus_score is not None:
-            return self.corpus_score(predictions, references)
-        return sum(self.score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
+    corpus_score: Callable[[list[Any], list[Any]], float] | None = None
+    # What a query's answer is scored against: its reference answers, or (classify) its 0/1 label.
+    reference: Callable[[Example], Any] = lambda ex: ex.answers
     # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
     num_beams: int = 1
     max_new_tokens: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("generate", "classify"):
+            raise ValueError(f"task {self.name}: kind must be 'generate' or 'classify', got {self.kind!r}")
+        if self.kind == "classify" and (len(self.classes) != 2 or self.corpus_score is None):
+            raise ValueError(f"task {self.name}: a classify task needs two classes (positive first) and a "
+                             "corpus_score over P(positive)")
+
+    def score_trial(self, predictions: list[Any], references: list[Any]) -> float:
+        if self.corpus_score is not None:
+            return self.corpus_score(predictions, references)
+        return sum(self.score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
 
 
 # OpenFlamingo's few-shot formats: "Question:{q} Short answer:{a}" and "Output:{caption}".
@@ -64,6 +79,30 @@ def _caption_task(name: str) -> Task:
                 score=exact_match, corpus_score=_corpus_cider, metric="cider", num_beams=3, max_new_tokens=20)
 
 
+# Hateful Memes as OpenFlamingo's harness prompts and scores it (eval_model.get_hateful_memes_prompt, HM_CLASSNAMES,
+# get_rank_classifications with normalize_length=True): the meme's written text quoted in the prompt, the class
+# names "yes"/"no" right after "Answer:" (no space), ROC-AUC of P(yes) from length-normalised log-likelihoods.
+def _hm_prompt(q: Example) -> str:
+    return f"is an image with: '{q.question}' written on it. Is it hateful? Answer:"
+
+
+def _hm_label(ex: Example) -> int:
+    if ex.label is None:
+        raise ValueError(f"hateful_memes example {ex.id} has no 0/1 'label' in its json")
+    return ex.label
+
+
+def _hm_demo(d: Example) -> str:
+    return _hm_prompt(d) + ("yes" if _hm_label(d) == 1 else "no")
+
+
+def _hm_auc(p_yes: list[float], labels: list[int]) -> float:
+    if len(set(labels)) < 2:
+        raise ValueError(f"ROC-AUC needs hateful and non-hateful queries; all {len(labels)} have label "
+                         f"{labels[0] if labels else None}: raise eval.num_queries or shuffle the test split")
+    return hateful_memes_auc(p_yes, labels)
+
+
 TASKS: dict[str, Task] = {
     # Real benchmarks (shards from the converters: see the README's data formats).
     "vqav2": _vqa_task("vqav2"),
@@ -72,6 +111,14 @@ TASKS: dict[str, Task] = {
     "textvqa": _vqa_task("textvqa"),
     "coco_caption": _caption_task("coco_caption"),
     "flickr30k": _caption_task("flickr30k"),
+    # Video (MMICT's tasks; examples hold frames): captions scored like images', open-ended QA by exact match
+    # of the normalised answer (MSVD-QA / MSRVTT-QA report top-1 accuracy over single-word answers).
+    "msvd_caption": _caption_task("msvd_caption"),
+    "msrvtt_caption": _caption_task("msrvtt_caption"),
+    "msvd_qa": Task("msvd_qa", _vqa_prompt, _vqa_demo, metric="accuracy"),
+    "msrvtt_qa": Task("msrvtt_qa", _vqa_prompt, _vqa_demo, metric="accuracy"),
+    "hateful_memes": Task("hateful_memes", _hm_prompt, _hm_demo, kind="classify", classes=("yes", "no"),
+                          reference=_hm_label, corpus_score=_hm_auc, metric="roc_auc"),
     # The toy world.
     "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
     BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),

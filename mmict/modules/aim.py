@@ -20,6 +20,7 @@ class AIMModule(FrozenBackboneModule):
     """
 
     train_demo_mode = "fused"
+    default_eval_modes = ("fused", "images", "text")  # AIM against vanilla ICL and text-only demos
 
     def __init__(self, config: DictConfig | dict, backbone: Backbone | None = None) -> None:
         super().__init__(config, backbone)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmict.backbones import Backbone, build_backbone
 from mmict.backbones.lora import is_lora_key
-from mmict.optim import adamw_warmup_cosine
+from mmict.optim import adamw_warmup_cosine, decay_groups
 from mmict.prompts import build_prompt
 from mmict.segments import Pixels, Prompt
 
@@ -43,6 +43,12 @@ class FrozenBackboneModule(L.LightningModule):
 
     # ---- the method: how demos enter the query prompt -------------------------------------------
     train_demo_mode = "none"  # what training shows: fused (AIM), none (vanilla fine-tune), ...
+    default_eval_modes: tuple[str, ...] = ("none",)  # what evaluation compares when eval.demo_modes is null
+    mode_labels: dict[str, str] = {}  # report names of demo modes where this method's differ from the defaults
+
+    def eval_demo_modes(self) -> list[str]:
+        """The demo modes evaluation runs: `eval.demo_modes`, else the method's own."""
+        return list(self.cfg.eval.demo_modes or self.default_eval_modes)
 
     def fuse(self, demo_images: Sequence[Pixels], demo_texts: Sequence[str]) -> list[torch.Tensor]:
         """Demos as embeddings (the "fused" demo mode); methods that have such a thing define it."""
@@ -90,7 +96,7 @@ class FrozenBackboneModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.cfg.optim
         return adamw_warmup_cosine(
-            (p for p in self.parameters() if p.requires_grad), lr=opt.lr, weight_decay=opt.weight_decay,
+            decay_groups(self.named_parameters(), opt.weight_decay), lr=opt.lr,
             warmup_steps=opt.warmup_steps, total_steps=self.cfg.trainer.max_steps, betas=tuple(opt.betas),
         )
 

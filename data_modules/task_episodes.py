@@ -1,0 +1,119 @@
+"""Training episodes from a downstream task's own train split (MMICT trains on the task; AIM never does).
+
+Examples stream from ``root/<task folder>/train-*.tar`` through a shuffle buffer; every k + 1 consecutive
+examples of the shuffled stream make one episode: the first k are the demonstrations, the last is the query
+(k ~ uniform[min_shots, max_shots] per episode). Demos are thus random examples of the split, as MMICT
+samples them, without holding the split in memory. A query's target is one of its reference answers or
+captions, drawn at random (VQA's ten human answers, COCO's five captions). The batches are the same as the
+web corpus's (`collate_episodes`), so every module trains on either.
+
+Validation: ``val_split`` (e.g. ``val``) read once in order, k = max_shots; no shards there means no
+validation, with a warning. Prompts and demo texts are the task's own (`mmict.eval.tasks`), so training and
+evaluation show a model the same format.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+
+from .downstream import TASK_DIRS, Example, _decode_example
+from .web_corpus import (
+    EpisodeStream,
+    ImageTransform,
+    WebCorpusDataModule,
+    _Watchdog,
+    find_shards,
+    missing_shards_error,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def task_episode(demos: list[Example], query: Example, task_name: str, rng: random.Random) -> dict:
+    """One episode in `collate_episodes`' input form, with the task's prompt and demo formats."""
+    from mmict.eval.tasks import get_task  # here, not at import: the task table imports data_modules
+
+    task = get_task(task_name)
+    return {
+        "demo_images": [d.image for d in demos],
+        "demo_texts": [task.demo_text(d) for d in demos],
+        "query_image": query.image,
+        "query_prompt": task.query_prompt(query),
+        "query_target": rng.choice(query.answers),
+    }
+
+
+def _group_episodes(
+    samples: Iterable[dict], *, task: str, image_transform: ImageTransform, min_shots: int, max_shots: int,
+    rng: random.Random | None, seed: int, watchdog: _Watchdog,
+) -> Iterator[dict]:
+    """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode."""
+    group: list[Example] = []
+    want = None
+    for sample in samples:
+        watchdog.shards_since_sample = 0
+        example = _decode_example(sample, image_transform)
+        if example is None:
+            continue
+        if want is None:
+            want = (rng.randint(min_shots, max_shots) if rng is not None else max_shots) + 1
+        group.append(example)
+        if len(group) == want:
+            # Validation draws the target from (seed, query id): the same on every pass and worker split.
+            pick = rng if rng is not None else random.Random(f"{seed}/{group[-1].id}")
+            yield task_episode(group[:-1], group[-1], task, pick)
+            group, want = [], None
+
+
+class TaskEpisodeStream(EpisodeStream):
+    """`EpisodeStream` (resampled shards, seeds per rank and worker, epochs) with task episodes."""
+
+    def __init__(self, urls: list[str], *, task: str, **kwargs) -> None:
+        super().__init__(urls, **kwargs)
+        self.task = task
+
+    def _episode_stage(self, rng: random.Random | None, watchdog: _Watchdog) -> Callable:
+        return partial(_group_episodes, task=self.task, image_transform=self.image_transform,
+                       min_shots=self.min_shots, max_shots=self.max_shots, rng=rng, seed=self.seed,
+                       watchdog=watchdog)
+
+
+class TaskEpisodeDataModule(WebCorpusDataModule):
+    """Episodes of `task` from its train split, validated on `val_split` (see the module docstring)."""
+
+    def __init__(self, root: str | Path, *, task: str, val_split: str = "val", **kwargs) -> None:
+        super().__init__(root, **kwargs)
+        if task not in TASK_DIRS:
+            raise ValueError(f"unknown data.task {task!r}; known: {sorted(TASK_DIRS)}")
+        self.task = task
+        self.val_split = val_split
+
+    def _split_glob(self, split: str) -> str:
+        return str(self.root / TASK_DIRS[self.task] / f"{self._split(split)}-*.tar")
+
+    def _split(self, split: str) -> str:
+        return self.val_split if split == "val" else split
+
+    def _shards(self, split: str, required: bool) -> list[str]:
+        urls = find_shards(self.root, TASK_DIRS[self.task], self._split(split))
+        if not urls and required:
+            what = f"The {self.task} {self._split(split)} split"
+            raise missing_shards_error(self.root, self._split_glob(split), what)
+        return urls
+
+    def _stream(self, urls: list[str], train: bool) -> TaskEpisodeStream:
+        rank, world_size = self._rank_and_world()
+        return TaskEpisodeStream(
+            urls, task=self.task, image_transform=self.image_transform, batch_size=self.batch_size,
+            min_shots=self.min_shots, max_shots=self.max_shots, seed=self.seed, train=train,
+            shuffle_buffer=self.shuffle_buffer,
+            batches_per_rank=max(1, self.epoch_size // (self.batch_size * world_size)), rank=rank,
+            world_size=world_size,
+        )
+
+
+__all__ = ["TaskEpisodeDataModule", "TaskEpisodeStream", "task_episode"]
