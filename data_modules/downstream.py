@@ -73,7 +73,7 @@ def _frame_keys(sample: dict) -> list[str]:
     return sorted(k for k in sample if k.startswith("frame") and k.rsplit(".", 1)[-1] in IMAGE_KEYS)
 
 
-def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | None:
+def decode_example(sample: dict, image_transform: ImageTransform) -> Example | None:
     raw = sample.get("json")
     if raw is None:
         record_skip("missing json")
@@ -120,7 +120,7 @@ def _decode_example(sample: dict, image_transform: ImageTransform) -> Example | 
 def _examples(urls: list[str], image_transform: ImageTransform) -> Iterator[Example]:
     samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_handler("tar")))
     for sample in samples:
-        example = _decode_example(sample, image_transform)
+        example = decode_example(sample, image_transform)
         if example is not None:
             yield example
 

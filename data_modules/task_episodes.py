@@ -20,15 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
-from .downstream import TASK_DIRS, Example, _decode_example
-from .web_corpus import (
-    EpisodeStream,
-    ImageTransform,
-    WebCorpusDataModule,
-    _Watchdog,
-    find_shards,
-    missing_shards_error,
-)
+from .downstream import TASK_DIRS, Example, decode_example
+from .web_corpus import EpisodeStream, ImageTransform, WebCorpusDataModule, _Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +49,7 @@ def _group_episodes(
     want = None
     for sample in samples:
         watchdog.shards_since_sample = 0
-        example = _decode_example(sample, image_transform)
+        example = decode_example(sample, image_transform)
         if example is None:
             continue
         if want is None:
@@ -92,28 +85,20 @@ class TaskEpisodeDataModule(WebCorpusDataModule):
         self.task = task
         self.val_split = val_split
 
-    def _split_glob(self, split: str) -> str:
-        return str(self.root / TASK_DIRS[self.task] / f"{self._split(split)}-*.tar")
+    stream_class = TaskEpisodeStream
 
-    def _split(self, split: str) -> str:
+    @property
+    def folder(self) -> str:  # type: ignore[override]
+        return TASK_DIRS[self.task]
+
+    def _split_name(self, split: str) -> str:
         return self.val_split if split == "val" else split
 
-    def _shards(self, split: str, required: bool) -> list[str]:
-        urls = find_shards(self.root, TASK_DIRS[self.task], self._split(split))
-        if not urls and required:
-            what = f"The {self.task} {self._split(split)} split"
-            raise missing_shards_error(self.root, self._split_glob(split), what)
-        return urls
+    def _describe(self, split: str) -> str:
+        return f"The {self.task} {self._split_name(split)} split"
 
-    def _stream(self, urls: list[str], train: bool) -> TaskEpisodeStream:
-        rank, world_size = self._rank_and_world()
-        return TaskEpisodeStream(
-            urls, task=self.task, image_transform=self.image_transform, batch_size=self.batch_size,
-            min_shots=self.min_shots, max_shots=self.max_shots, seed=self.seed, train=train,
-            shuffle_buffer=self.shuffle_buffer,
-            batches_per_rank=max(1, self.epoch_size // (self.batch_size * world_size)), rank=rank,
-            world_size=world_size,
-        )
+    def _stream_extra(self) -> dict:
+        return {"task": self.task}
 
 
 __all__ = ["TaskEpisodeDataModule", "TaskEpisodeStream", "task_episode"]

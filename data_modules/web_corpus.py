@@ -417,14 +417,24 @@ class WebCorpusDataModule(L.LightningDataModule):
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
 
+    # Where the shards are and what they are called; a data module over other shards overrides these.
+    folder = "web"
+
+    def _split_name(self, split: str) -> str:
+        """The shard-file prefix of a split ("train", "val")."""
+        return split
+
+    def _describe(self, split: str) -> str:
+        return "The web corpus"
+
     def _split_glob(self, split: str) -> str:
         """Where a split's shards are looked for (named in errors and warnings)."""
-        return str(self.root / "web" / f"{split}-*.tar")
+        return str(self.root / self.folder / f"{self._split_name(split)}-*.tar")
 
     def _shards(self, split: str, required: bool) -> list[str]:
-        urls = find_shards(self.root, "web", split)
+        urls = find_shards(self.root, self.folder, self._split_name(split))
         if not urls and required:
-            raise missing_shards_error(self.root, self._split_glob(split), "The web corpus")
+            raise missing_shards_error(self.root, self._split_glob(split), self._describe(split))
         return urls
 
     def setup(self, stage: str | None = None) -> None:
@@ -444,10 +454,17 @@ class WebCorpusDataModule(L.LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    def _stream_extra(self) -> dict[str, Any]:
+        """Keyword arguments a subclass's stream takes beyond `EpisodeStream`'s."""
+        return {}
+
+    stream_class: type[EpisodeStream] = EpisodeStream
+
     def _stream(self, urls: list[str], train: bool) -> EpisodeStream:
         rank, world_size = self._rank_and_world()
-        return EpisodeStream(
+        return self.stream_class(
             urls,
+            **self._stream_extra(),
             image_transform=self.image_transform,
             batch_size=self.batch_size,
             min_shots=self.min_shots,

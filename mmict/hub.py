@@ -128,49 +128,38 @@ class MHub(nn.Module):
 
 
 # ---- building one ---------------------------------------------------------------------------------
-def qformer_config(hub: Any, vocab_size: int, pad_token_id: int, vision_width: int) -> Any:
-    """An InstructBLIP Q-Former config from `method.mmict.hub` sizes."""
-    from transformers import InstructBlipQFormerConfig
-
-    return InstructBlipQFormerConfig(
-        vocab_size=vocab_size, hidden_size=hub.hidden_size, num_hidden_layers=hub.num_layers,
-        num_attention_heads=hub.num_heads, intermediate_size=hub.intermediate_size,
-        cross_attention_frequency=hub.cross_attention_frequency, encoder_hidden_size=vision_width,
-        max_position_embeddings=hub.max_text_tokens, pad_token_id=pad_token_id,
-    )
+# The Q-Former fields a BLIP-2 checkpoint fixes (the M-Hub must match them to load its weights).
+_BLIP2_QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                         "cross_attention_frequency", "hidden_act", "layer_norm_eps", "hidden_dropout_prob",
+                         "attention_probs_dropout_prob", "initializer_range")
 
 
 def build_hub(backbone: Any, cfg: Any, vocab_size: int, pad_token_id: int) -> tuple[MHub, HubInit]:
     """The M-Hub for `backbone`, from the backbone's BLIP-2 checkpoint when it is one (and
     `cfg.init_from_backbone`), else fresh with the sizes in `cfg.hub`."""
+    from transformers import InstructBlipQFormerConfig
+
     blip2 = backbone.family == "blip2" and cfg.init_from_backbone
-    hub_cfg = cfg.hub
     if blip2:
         q = backbone.config.qformer_config
-        hub_cfg = _SizesFrom(q, num_query_tokens=backbone.config.num_query_tokens,
-                             max_text_tokens=max(cfg.hub.max_text_tokens, 1))
-    config = qformer_config(hub_cfg, vocab_size, pad_token_id, backbone.vision_hidden_size)
-    hub = MHub(config, hub_cfg.num_query_tokens, backbone.vision_hidden_size, backbone.hidden_size,
+        sizes = {name: getattr(q, name) for name in _BLIP2_QFORMER_FIELDS}
+        num_query_tokens = backbone.config.num_query_tokens
+    else:
+        h = cfg.hub
+        sizes = dict(hidden_size=h.hidden_size, num_hidden_layers=h.num_layers, num_attention_heads=h.num_heads,
+                     intermediate_size=h.intermediate_size, cross_attention_frequency=h.cross_attention_frequency)
+        num_query_tokens = h.num_query_tokens
+    config = InstructBlipQFormerConfig(**sizes, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                       max_position_embeddings=cfg.hub.max_text_tokens,
+                                       encoder_hidden_size=backbone.vision_hidden_size)
+    hub = MHub(config, num_query_tokens, backbone.vision_hidden_size, backbone.hidden_size,
                max_frames=cfg.max_frames if cfg.temporal_embedding else 0)
-    if not blip2:
-        norm = backbone.vision_output_norm()
-        if norm is not None:
-            hub.vision_norm.load_state_dict(norm.state_dict())
-        return hub, HubInit("fresh")
-    return hub, _load_blip2(hub, backbone)
-
-
-@dataclass
-class _SizesFrom:
-    """`method.mmict.hub` sizes read off a BLIP-2 checkpoint's Q-Former config."""
-
-    q: Any
-    num_query_tokens: int
-    max_text_tokens: int
-
-    def __getattr__(self, name: str) -> Any:
-        names = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
-        return getattr(self.q, names.get(name, name))
+    if blip2:
+        return hub, _load_blip2(hub, backbone)
+    norm = backbone.vision_output_norm()
+    if norm is not None:
+        hub.vision_norm.load_state_dict(norm.state_dict())
+    return hub, HubInit("fresh")
 
 
 def _load_blip2(hub: MHub, backbone: Any) -> HubInit:
@@ -216,4 +205,4 @@ def _group(key: str) -> str:
     return ".".join(key.split(".")[:3])
 
 
-__all__ = ["HubInit", "MHub", "Visual", "build_hub", "frames_of", "qformer_config"]
+__all__ = ["HubInit", "MHub", "Visual", "build_hub", "frames_of"]

@@ -89,14 +89,14 @@ def test_image_tokens_per_image_at_default_size(tiny, variant):
     inputs = tiny_idefics.hf_inputs(path, square, "<image>")
     assert bb.image_tokens_per_image == inputs["input_ids"].shape[1] - 1  # all but BOS
     with torch.no_grad():
-        assert bb.embed_images([bb._to_model(bb.image_transform(square))])[0].shape[0] == bb.image_tokens_per_image
+        assert bb.embed_images([bb.to_model(bb.image_transform(square))])[0].shape[0] == bb.image_tokens_per_image
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_images_batched_with_others_embed_as_alone(tiny, variant):
     _, bb = tiny(variant)
     # different crop sizes (Idefics2) and crop counts (Idefics3's 2x2 + global vs 1x2 + global) in one call
-    images = [bb._to_model(bb.image_transform(image(size))) for size in (TALL, WIDE, (16, 16))]
+    images = [bb.to_model(bb.image_transform(image(size))) for size in (TALL, WIDE, (16, 16))]
     with torch.no_grad():
         together = bb.embed_images(images)
         for img, emb in zip(images, together):
@@ -157,7 +157,7 @@ def test_vanilla_icl_matches_hf_on_interleaved_prompt(tiny, variant):
     with torch.no_grad():
         batch = bb.assemble([prompt])
         logits = bb(batch).logits
-        image_lengths = [e.shape[0] for e in bb.embed_images([bb._to_model(x) for x in demos + [query]])]
+        image_lengths = [e.shape[0] for e in bb.embed_images([bb.to_model(x) for x in demos + [query]])]
     # the model's own processor on the same interleaved text: all three images expanded in one prompt
     text = "".join(f"<image>{t} " for t in demo_texts) + "<image>" + PROMPT
     inputs = dict(AutoProcessor.from_pretrained(path)(images=pil, text=text, return_tensors="pt"))

@@ -73,13 +73,13 @@ def test_image_layout_and_mixed_sizes_in_one_batch(tiny):
     _, bb = tiny
     red, blue = bb.image_transform(RED), bb.image_transform(BLUE)
     assert red["image_grid_thw"].tolist() == [1, 6, 8] and blue["image_grid_thw"].tolist() == [1, 10, 6]
-    embeds = bb.embed_images([bb._to_model(red), bb._to_model(blue)])
+    embeds = bb.embed_images([bb.to_model(red), bb.to_model(blue)])
     assert [e.shape[0] for e in embeds] == [12 + 2, 15 + 2]  # merged tokens + <|vision_start|>, <|vision_end|>
     table = bb.model.get_input_embeddings().weight
     torch.testing.assert_close(embeds[0][0], table[bb.model.config.vision_start_token_id])
     torch.testing.assert_close(embeds[1][-1], table[bb.model.config.vision_end_token_id])
     # one vision-tower call over both sizes gives what each image gives alone (no attention across images)
-    torch.testing.assert_close(embeds[1], bb.embed_images([bb._to_model(blue)])[0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(embeds[1], bb.embed_images([bb.to_model(blue)])[0], atol=ATOL, rtol=ATOL)
     prompts = [[Image(red), Text(PROMPT)], [Text("a blue square ."), Image(blue), Text("what color")]]
     for side in ("left", "right"):
         both = bb.assemble(prompts, padding_side=side)

@@ -104,6 +104,11 @@ class Backbone(nn.Module):
         return self.config.text_config.num_hidden_layers
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the segments go to an encoder and the target to a decoder (BLIP-2 with Flan-T5)."""
+        return False
+
+    @property
     def image_tokens_per_image(self) -> int:
         """Positions one image takes in the prompt (for dynamic-resolution families: at the default size)."""
         raise NotImplementedError
@@ -331,13 +336,13 @@ class Backbone(nn.Module):
     def _embed_image_list(self, images: list[Pixels]) -> list[torch.Tensor]:
         if not images:
             return []
-        moved = [self._to_model(img) for img in images]
+        moved = [self.to_model(img) for img in images]
         embeds = self.embed_images(moved)
         if len(embeds) != len(images):
             raise RuntimeError(f"{type(self).__name__}.embed_images returned {len(embeds)} for {len(images)} images")
         return embeds
 
-    def _to_model(self, pixels: Pixels) -> Pixels:
+    def to_model(self, pixels: Pixels) -> Pixels:
         """Floating tensors to the model's device and dtype; integer ones (sizes, grids) to its device."""
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)

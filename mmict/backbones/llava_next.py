@@ -25,7 +25,7 @@ class LlavaNextBackbone(LlavaBackbone):
         size = self.config.vision_config.image_size
         blank = self.image_transform(PILImage.new("RGB", (size, size)))
         with torch.no_grad():
-            return self.embed_images([self._to_model(blank)])[0].shape[0]
+            return self.embed_images([self.to_model(blank)])[0].shape[0]
 
     @property
     def image_tokens_per_image(self) -> int:

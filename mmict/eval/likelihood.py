@@ -44,8 +44,7 @@ def continuation_loglikelihoods(
     answer's beginning, as OpenFlamingo scores it."""
     full = [[*p, Text(continuation, target=True, eos=False)] for p in prompts]
     batch = backbone.assemble(full, padding_side="right")
-    # Families with an encoder-decoder LM say so (Blip2Backbone.is_encoder_decoder); every other is decoder-only.
-    encoder_decoder = bool(getattr(backbone, "is_encoder_decoder", False))
+    encoder_decoder = backbone.is_encoder_decoder
     logits = backbone(batch).logits
     if logits.shape[:2] != batch.labels.shape:
         raise RuntimeError(f"{type(backbone).__name__} gave logits {tuple(logits.shape)} for labels "

@@ -110,7 +110,8 @@ def evaluate(
                 ctx += batch_ctx
                 answers += probs
                 key = f"p_{task.classes[0]}"
-                records += [{"id": ex.id, key: p, "label": task.reference(ex)} for p, ex in zip(probs, q)]
+                records += [{"id": ex.id, key: p, "label": ref}
+                            for p, ex, ref in zip(probs, q, references[start : start + len(q)])]
             else:
                 assembled = module.backbone.assemble(prompts, padding_side="left")
                 ctx += assembled.context_tokens.tolist()

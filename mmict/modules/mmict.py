@@ -56,8 +56,7 @@ class MMICTModule(FrozenBackboneModule):
     def train_demo_mode(self) -> str:  # type: ignore[override]
         return self.design
 
-    mode_labels = {"fused": "MMICT (M-Hub text features)", "concat": "vanilla ICT (visual features + demo text)",
-                   "text": "text-only demos (MMICT-trained)"}
+    mode_labels = {"fused": "MMICT (M-Hub text features)", "text": "text-only demos (MMICT-trained)"}
 
     @property
     def default_eval_modes(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -69,7 +68,7 @@ class MMICTModule(FrozenBackboneModule):
         per_sample = [frames_of(v) for v in visuals]
         flat = [f for frames in per_sample for f in frames]
         with torch.no_grad():
-            feats = self.backbone.vision_features([self.backbone._to_model(f) for f in flat])
+            feats = self.backbone.vision_features([self.backbone.to_model(f) for f in flat])
         dtype = self.hub.vision_norm.weight.dtype  # the M-Hub trains in its own (fp32) dtype
         it = iter(f.to(dtype) for f in feats)
         return self.hub.memory([[next(it) for _ in frames] for frames in per_sample])
