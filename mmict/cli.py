@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from data_modules.converters.common import ConvertError
 from mmict.config import ConfigError
 
 USAGE = """mmict <command> [args]
@@ -15,6 +16,8 @@ commands:
   eval CKPT [--shots 0,4,8] [k=v]  evaluate a checkpoint at the configured (or given) shots
   eval --exp EXP [--shots ...]     evaluate an experiment's training-free baselines (no checkpoint)
   data toy [--root data/toy]       write the toy world's webdataset shards
+  data convert DATASET --in SRC --out shards/DATASET/SPLIT-%06d.tar [--split S]
+                                   convert a public dataset (MMC4, OBELICS, OK-VQA, ...) into shards
   pretrain-toy [EXP] [--force]     pretrain (and cache) the experiment's toy backbone; `train` does it
                                    the first time on its own
 """
@@ -38,9 +41,12 @@ def pretrain_toy_main(argv: list[str]) -> None:
 
 
 def data_main(argv: list[str]) -> None:
+    if argv and argv[0] == "convert":
+        convert_main(argv[1:])
+        return
     from data_modules.toy_world import write_toy_world
 
-    parser = argparse.ArgumentParser(prog="mmict data")
+    parser = argparse.ArgumentParser(prog="mmict data", epilog="mmict data convert --help: convert a public dataset")
     parser.add_argument("dataset", choices=["toy"])
     parser.add_argument("--root", default="data/toy")
     parser.add_argument("--force", action="store_true", help="rewrite even if an up-to-date copy exists")
@@ -48,6 +54,43 @@ def data_main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     manifest = write_toy_world(args.root, force=args.force)
     print(f"toy world at {args.root}: {manifest.get('counts')}")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def convert_main(argv: list[str]) -> None:
+    from pathlib import Path
+
+    from data_modules.converters import CONVERTERS, ConvertOptions, convert
+
+    layouts = "\n\n".join(f"{name} ({c.kind}{', --split ' + '|'.join(c.splits) if c.splits else ''}):\n{c.layout}"
+                           for name, c in sorted(CONVERTERS.items()))
+    parser = argparse.ArgumentParser(
+        prog="mmict data convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a public dataset, in its own file layout, into webdataset shards.",
+        epilog=f"datasets and the layouts they read:\n\n{layouts}")
+    parser.add_argument("dataset", help=f"one of: {', '.join(sorted(CONVERTERS))}")
+    parser.add_argument("--in", dest="src", required=True, type=Path, help="the dataset's folder (or file)")
+    parser.add_argument("--out", required=True, help="shard pattern, e.g. shards/okvqa/test-%%06d.tar")
+    parser.add_argument("--split", help="which of the dataset's own splits to read")
+    parser.add_argument("--images", type=Path, help="image/video folder, when not where the layout puts it")
+    parser.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly per clip")
+    parser.add_argument("--url-map", type=Path, help="OBELICS: image url -> local file (tsv, csv or jsonl)")
+    parser.add_argument("--set", dest="extra", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="a converter-specific option (see the layouts below)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--limit", type=int, help="stop after this many samples (a quick look)")
+    parser.add_argument("--force", action="store_true", help="replace existing shards at --out (said, not silent)")
+    args = parser.parse_args(argv)
+    options = ConvertOptions(src=args.src, split=args.split, images=args.images, frames=args.frames,
+                             url_map=args.url_map, limit=args.limit, extra=dict(args.extra))
+    summary = convert(args.dataset, options, args.out, shard_size=args.shard_size, force=args.force)
+    print(summary.text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ConvertError) as err:
         # User errors: one clear message, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1
