@@ -1,5 +1,6 @@
-"""Lightning callbacks (data health now; demo sampling, precision and FSDP builders join here)."""
+"""Lightning callbacks: data health (skipped samples), demo sampling (shots per step)."""
 
 from callbacks.data_health import SkippedSamplesReport
+from callbacks.demo_sampler import DemoSampler
 
-__all__ = ["SkippedSamplesReport"]
+__all__ = ["DemoSampler", "SkippedSamplesReport"]

@@ -141,6 +141,11 @@ def load_examples(
     return examples
 
 
+def convert_command(task: str, folder: Path, split: str) -> str:
+    """The `mmict data convert` line that writes ``folder/split-*.tar`` for ``task`` (named in errors)."""
+    return f"mmict data convert {task} --in <{task} release folder> --split <its split> --out {folder}/{split}-%06d.tar"
+
+
 class DownstreamDataModule(L.LightningDataModule):
     """The demo pool (``pool``, ``pool_by_id``) and the evaluation queries (``queries``) of one task."""
 
@@ -173,7 +178,8 @@ class DownstreamDataModule(L.LightningDataModule):
         urls = find_shards(self.root, folder, split)
         if not urls:
             searched = str(self.root / folder / f"{split}-*.tar")
-            raise missing_shards_error(self.root, searched, f"The {self.task} {split} split")
+            raise missing_shards_error(self.root, searched, f"The {self.task} {split} split",
+                                       convert_command(self.task, self.root / folder, split))
         return urls
 
     def setup(self, stage: str | None = None) -> None:

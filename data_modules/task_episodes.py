@@ -2,7 +2,7 @@
 
 Examples stream from ``root/<task folder>/train-*.tar`` through a shuffle buffer; every k + 1 consecutive
 examples of the shuffled stream make one episode: the first k are the demonstrations, the last is the query
-(k ~ uniform[min_shots, max_shots] per episode). Demos are thus random examples of the split, as MMICT
+(k from the shot policy, `data_modules.shots`). Demos are thus random examples of the split, as MMICT
 samples them, without holding the split in memory. A query's target is one of its reference answers or
 captions, drawn at random (VQA's ten human answers, COCO's five captions). The batches are the same as the
 web corpus's (`collate_episodes`), so every module trains on either.
@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .downstream import TASK_DIRS, Example, decode_example
-from .web_corpus import EpisodeStream, ImageTransform, WebCorpusDataModule, _Watchdog
+from .downstream import TASK_DIRS, Example, convert_command, decode_example
+from .web_corpus import EpisodeStream, ImageTransform, ShotPlan, WebCorpusDataModule, _Watchdog, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -41,38 +40,40 @@ def task_episode(demos: list[Example], query: Example, task_name: str, rng: rand
 
 
 def _group_episodes(
-    samples: Iterable[dict], *, task: str, image_transform: ImageTransform, min_shots: int, max_shots: int,
+    samples: Iterable[dict], *, task: str, image_transform: ImageTransform, plan: ShotPlan,
     rng: random.Random | None, seed: int, watchdog: _Watchdog,
 ) -> Iterator[dict]:
     """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode."""
     group: list[Example] = []
     want = None
+    made = 0
     for sample in samples:
         watchdog.shards_since_sample = 0
         example = decode_example(sample, image_transform)
         if example is None:
             continue
         if want is None:
-            want = (rng.randint(min_shots, max_shots) if rng is not None else max_shots) + 1
+            want = plan(made)[0] + 1
         group.append(example)
         if len(group) == want:
             # Validation draws the target from (seed, query id): the same on every pass and worker split.
             pick = rng if rng is not None else random.Random(f"{seed}/{group[-1].id}")
-            yield task_episode(group[:-1], group[-1], task, pick)
+            yield {**task_episode(group[:-1], group[-1], task, pick), "source": source_of(sample)}
             group, want = [], None
+            made += 1
 
 
 class TaskEpisodeStream(EpisodeStream):
-    """`EpisodeStream` (resampled shards, seeds per rank and worker, epochs) with task episodes."""
+    """`EpisodeStream` (disjoint shards per rank and worker, seeded, exact resume) with task episodes."""
 
     def __init__(self, urls: list[str], *, task: str, **kwargs) -> None:
         super().__init__(urls, **kwargs)
         self.task = task
 
-    def _episode_stage(self, rng: random.Random | None, watchdog: _Watchdog) -> Callable:
-        return partial(_group_episodes, task=self.task, image_transform=self.image_transform,
-                       min_shots=self.min_shots, max_shots=self.max_shots, rng=rng, seed=self.seed,
-                       watchdog=watchdog)
+    def _episode_stage(self, samples: Iterable[dict], plan: ShotPlan, rng: random.Random | None,
+                       watchdog: _Watchdog) -> Iterator[dict]:
+        return _group_episodes(samples, task=self.task, image_transform=self.image_transform, plan=plan, rng=rng,
+                               seed=self.seed, watchdog=watchdog)
 
 
 class TaskEpisodeDataModule(WebCorpusDataModule):
@@ -88,7 +89,7 @@ class TaskEpisodeDataModule(WebCorpusDataModule):
     stream_class = TaskEpisodeStream
 
     @property
-    def folder(self) -> str:  # type: ignore[override]
+    def folder(self) -> str:
         return TASK_DIRS[self.task]
 
     def _split_name(self, split: str) -> str:
@@ -96,6 +97,9 @@ class TaskEpisodeDataModule(WebCorpusDataModule):
 
     def _describe(self, split: str) -> str:
         return f"The {self.task} {self._split_name(split)} split"
+
+    def _build_command(self) -> str:
+        return convert_command(self.task, self.root / self.folder, "train")
 
     def _stream_extra(self) -> dict:
         return {"task": self.task}

@@ -42,6 +42,7 @@ __all__ = [
     "PROJECTORS",
     "DTYPES",
     "AIMConfig",
+    "BankConfig",
     "BackboneConfig",
     "ConfigError",
     "DataConfig",
@@ -67,8 +68,10 @@ METHODS: tuple[str, ...] = ("aim", "finetune", "mmict")
 DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # mmict.modules.mmict.DEMO_DESIGNS
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+SHOTS_PER: tuple[str, ...] = ("episode", "step")
 DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # mmict.prompts.DEMO_MODES
 SELECTIONS: tuple[str, ...] = ("random", "rices")  # mmict.eval.selection.make_selector
+BANK_STORES: tuple[str, ...] = ("hidden", "fused")  # mmict.bank.STORES
 # Lightning 2.x precision strings; checked here so a typo fails at load time, not after the model is built.
 LIGHTNING_PRECISIONS: tuple[str, ...] = (
     "32-true",
@@ -200,9 +203,13 @@ class DataConfig:
     root: str = "data/toy"
     # When set, the toy world is written to root (once).
     toy: Optional[ToyWorldConfig] = field(default_factory=ToyWorldConfig)
-    # k demos per training episode, sampled uniformly from [min_shots, max_shots].
+    # Demos per training episode (the DemoSampler callback, data_modules/shots.py): `shots` fixes k; else
+    # `shot_schedule` [[from_step, min, max], ...]; else k ~ uniform[min_shots, max_shots]. Validation: max.
     min_shots: int = 1
     max_shots: int = 4
+    shots: Optional[int] = None
+    shot_schedule: Optional[list[list[int]]] = None
+    shots_per: str = "episode"  # episode: each episode draws its k | step: all episodes of a batch share it
     batch_size: int = 8
     num_workers: int = 1
     epoch_size: int = 2000
@@ -212,6 +219,11 @@ class DataConfig:
     # = query and demos drawn from that task's train split (MMICT), validated on `val_split`.
     task: Optional[str] = None
     val_split: str = "val"
+    corpus: str = "web"  # the web corpus's folder under root (`mmict data convert mmc4 --out <root>/<corpus>/...`)
+    # Web documents: drop images whose MMC4 image-text similarity is below this (OpenFlamingo: 0.24), and
+    # images whose shorter side is below min_image_size pixels; both counted in the skip report.
+    min_similarity: Optional[float] = None
+    min_image_size: int = 0
 
 
 @dataclass
@@ -259,6 +271,16 @@ class RicesConfig:
 
 
 @dataclass
+class BankConfig:
+    """The demonstration bank (mmict/bank.py): each pool demo read by the frozen model once, kept on disk."""
+
+    enabled: bool = True  # AIM's fused demos come from the bank (computed once per backbone, layer, demo)
+    dir: Optional[str] = None  # null: <data.root>/bank
+    store: str = "hidden"  # hidden (reader output: shared by every projector) | fused (keyed by the projector)
+    batch_size: int = 16  # demos read per backbone call while building
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     shots: list[int] = field(default_factory=lambda: [0, 2, 4])
@@ -276,6 +298,7 @@ class EvalConfig:
     # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, concat (MMICT's
     # vanilla ICT), none; null: the method's own (AIM: fused, images, text; MMICT: its demo_design).
     demo_modes: Optional[list[str]] = None
+    bank: BankConfig = field(default_factory=BankConfig)
 
 
 @dataclass
@@ -664,6 +687,16 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
             f"[min_shots, max_shots]. Fix: e.g. data.max_shots={cfg.data.min_shots} "
             f"or data.min_shots={cfg.data.max_shots}"
         )
+    if cfg.data.shots is not None and cfg.data.shots < 0:
+        raise ConfigError(f"config key {at('data.shots')} must be >= 0 (it is a number of demonstrations)")
+    if cfg.data.shots_per not in SHOTS_PER:
+        raise _choice_error("data.shots_per", cfg.data.shots_per, SHOTS_PER, origin)
+    try:
+        from data_modules.shots import ShotPolicy
+
+        ShotPolicy.from_config(cfg.data)
+    except ValueError as err:
+        raise ConfigError(f"config key {at('data.shot_schedule')}: {err}") from None
     if cfg.method.name not in METHODS:
         raise _choice_error("method.name", cfg.method.name, METHODS, origin)
     if cfg.method.aim.projector not in PROJECTORS:
@@ -688,6 +721,10 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         )
     if cfg.eval.selection not in SELECTIONS:
         raise _choice_error("eval.selection", cfg.eval.selection, SELECTIONS, origin)
+    if cfg.eval.bank.store not in BANK_STORES:
+        raise _choice_error("eval.bank.store", cfg.eval.bank.store, BANK_STORES, origin)
+    if cfg.eval.bank.batch_size < 1:
+        raise ConfigError(f"config key {at('eval.bank.batch_size')} must be >= 1")
     if cfg.data.task is not None:
         from data_modules.downstream import TASK_DIRS
 

@@ -20,7 +20,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import SkippedSamplesReport
+from callbacks import DemoSampler, SkippedSamplesReport
+from data_modules.shots import ShotPolicy
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
@@ -48,11 +49,17 @@ def build_datamodule(cfg: DictConfig, image_transform: Any) -> WebCorpusDataModu
     split (`data.task`, MMICT)."""
     d = cfg.data
     common = dict(image_transform=image_transform, batch_size=d.batch_size, num_workers=d.num_workers,
-                  min_shots=d.min_shots, max_shots=d.max_shots, epoch_size=d.epoch_size,
-                  shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, val_episodes=d.val_episodes)
+                  shot_policy=shot_policy(cfg), epoch_size=d.epoch_size, shuffle_buffer=d.shuffle_buffer,
+                  seed=cfg.seed, val_episodes=d.val_episodes)
     if d.task is None:
-        return WebCorpusDataModule(d.root, **common)
+        return WebCorpusDataModule(d.root, corpus=d.corpus, min_similarity=d.min_similarity,
+                                   min_image_size=d.min_image_size, **common)
     return TaskEpisodeDataModule(d.root, task=d.task, val_split=d.val_split, **common)
+
+
+def shot_policy(cfg: DictConfig) -> ShotPolicy:
+    """The run's demos-per-episode policy (`data.shots`, `data.shot_schedule` or the min/max range)."""
+    return ShotPolicy.from_config(cfg.data, seed=cfg.seed)
 
 
 def find_shards_or_fail(cfg: DictConfig) -> None:
@@ -81,6 +88,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SkippedSam
                         every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=-1, save_last=True),
         LearningRateMonitor(logging_interval="step"),
         skipped,
+        DemoSampler(shot_policy(cfg)),
     ]
     if tr.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
