@@ -12,7 +12,7 @@ import io
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,18 +78,27 @@ class Converter:
     read: Reader
     layout: str  # the public layout it expects, shown by `mmict data convert --help` and in errors
     splits: tuple[str, ...] = ()  # the dataset's own split names (--split); empty: it has none
+    # Splits the dataset has but that cannot be converted -> why (e.g. "test": "no public answers").
+    unavailable: Mapping[str, str] = field(default_factory=dict)
 
 
 CONVERTERS: dict[str, Converter] = {}
 
 
-def register(name: str, kind: str, layout: str, splits: tuple[str, ...] = ()) -> Callable[[Reader], Reader]:
-    """Decorator: make ``read(ctx)`` the converter ``name``."""
+def register(
+    name: str, kind: str, layout: str, splits: tuple[str, ...] = (), unavailable: Mapping[str, str] | None = None,
+) -> Callable[[Reader], Reader]:
+    """Decorator: make ``read(ctx)`` the converter ``name``.
+
+    ``unavailable`` names splits the dataset has but that cannot be converted, with the reason `convert`
+    gives when one is asked for (a test split without public answers).
+    """
 
     def wrap(read: Reader) -> Reader:
         if name in CONVERTERS:
             raise ValueError(f"converter {name!r} registered twice")
-        CONVERTERS[name] = Converter(name=name, kind=kind, read=read, layout=layout, splits=splits)
+        CONVERTERS[name] = Converter(name=name, kind=kind, read=read, layout=layout, splits=splits,
+                                     unavailable=dict(unavailable or {}))
         return read
 
     return wrap
@@ -135,6 +144,23 @@ def read_image_file(path: Path, ctx: Context) -> tuple[str, bytes] | None:
     except ValueError:
         ctx.skip("image does not decode")
         return None
+
+
+def extra_options(ctx: Context, choices: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """The converter's ``--set key=value`` options, each known key's first choice its default.
+
+    An unknown key or value is a ConvertError: a misspelt option must not quietly convert with defaults.
+    """
+    given = ctx.options.extra
+    unknown = sorted(set(given) - set(choices))
+    if unknown:
+        known = ", ".join(f"{k}={'|'.join(v)}" for k, v in choices.items()) or "none"
+        raise ConvertError(f"unknown --set option(s) {', '.join(unknown)}; this converter takes: {known}")
+    values = {key: given.get(key, allowed[0]) for key, allowed in choices.items()}
+    for key, value in values.items():
+        if value not in choices[key]:
+            raise ConvertError(f"--set {key}={value}: expected one of {', '.join(choices[key])}")
+    return values
 
 
 def example_sample(key: str, meta: dict[str, Any], image: tuple[str, bytes]) -> Sample:
@@ -202,6 +228,8 @@ def convert(
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise ConvertError(f"unknown dataset {dataset!r}{hint}; known: {', '.join(sorted(CONVERTERS))}")
     converter = CONVERTERS[dataset]
+    if options.split in converter.unavailable:
+        raise ConvertError(f"{dataset} --split {options.split}: {converter.unavailable[options.split]}")
     if converter.splits and options.split not in converter.splits:
         raise ConvertError(f"{dataset} needs --split, one of: {', '.join(converter.splits)} (got {options.split!r})")
     if not options.src.exists():
@@ -228,35 +256,79 @@ def convert(
                 written += 1
                 if options.limit is not None and written >= options.limit:
                     break
-        finally:
+        except BaseException:
+            # A conversion that stopped half way leaves no shards behind: the next run would otherwise
+            # refuse to overwrite them, or (with --force) a reader could take them for a whole split.
             writer.close()
+            _remove(shards)
+            raise
+        writer.close()
     summary = Summary(dataset=dataset, split=options.split, source=str(options.src), out=out, written=written,
                       shards=[Path(s).name for s in shards], skipped=dict(ctx.skipped),
                       seconds=time.perf_counter() - start,
                       options={k: str(v) for k, v in asdict(options).items() if v not in (None, {})})
     summary_path(out).write_text(json.dumps(asdict(summary), indent=2))
     if written == 0:
+        _remove(shards)  # the writer opened an (empty) first shard; the summary stays to say what was skipped
         raise ConvertError(f"{dataset}: no sample written\n{summary.text()}\nexpected layout:\n{converter.layout}")
     return summary
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a jsonl file (plain or .zip/.gz as MMC4 ships them), blank lines left out."""
+def _remove(shards: list[str]) -> None:
+    for shard in shards:
+        Path(shard).unlink(missing_ok=True)
+
+
+def _jsonl_bytes(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a jsonl file, plain or .gz, or the .jsonl inside a .zip; blanks left out."""
     if path.suffix == ".gz":
         import gzip
 
-        handle: Any = gzip.open(path, "rt", encoding="utf-8")
+        with gzip.open(path, "rb") as handle:
+            yield from ((n, line) for n, line in enumerate(handle, 1) if line.strip())
     elif path.suffix == ".zip":
         import zipfile
 
-        archive = zipfile.ZipFile(path)
-        names = [n for n in archive.namelist() if n.endswith(".jsonl")]
-        if not names:
-            raise ConvertError(f"{path} holds no .jsonl file")
-        handle = io.TextIOWrapper(archive.open(names[0]), encoding="utf-8")
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as err:
+            raise ConvertError(f"{path} is not a readable zip file ({err})") from err
+        with archive:
+            names = [n for n in archive.namelist() if n.endswith(".jsonl")]
+            if not names:
+                raise ConvertError(f"{path} holds no .jsonl file")
+            with archive.open(names[0]) as handle:
+                yield from ((n, line) for n, line in enumerate(handle, 1) if line.strip())
     else:
-        handle = path.open(encoding="utf-8")
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                yield number, line
+        with path.open("rb") as handle:
+            yield from ((n, line) for n, line in enumerate(handle, 1) if line.strip())
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a jsonl file (plain or .zip/.gz as MMC4 ships them), blank lines left out.
+
+    A line that is not UTF-8 comes with U+FFFD in place of its bad bytes (one bad line must not end the
+    file); `iter_json_lines` counts such a line as a skip instead.
+    """
+    for number, raw in _jsonl_bytes(path):
+        yield number, raw.decode("utf-8", errors="replace")
+
+
+def iter_json_lines(path: Path, ctx: Context) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of a jsonl file (as `iter_jsonl` reads it).
+
+    A line that is not UTF-8 or does not parse is a source record that is not written: it is counted
+    (``ctx.skip``) and advanced past here; the caller advances for each line it is given.
+    """
+    for number, raw in _jsonl_bytes(path):
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:  # before ValueError: it is one
+            ctx.skip("line is not UTF-8")
+            ctx.advance()
+            continue
+        except ValueError:
+            ctx.skip("json does not parse")
+            ctx.advance()
+            continue
+        yield number, value
