@@ -15,9 +15,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import torch
 import webdataset as wds
 
 from .skips import record_skip, skip_handler
@@ -37,15 +37,39 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass
 class Example:
+    """One downstream example. Examples loaded from shards keep their *encoded* image(s) and decode on access
+    (``example.image`` runs the backbone's transform each time): a demo pool of 10^5 examples then costs its
+    JPEG bytes in memory, not 10^5 preprocessed tensors (1.3 MB each at 336 px)."""
+
     id: str
-    image: torch.Tensor | list[torch.Tensor]  # the backbone's image input; a video: one per frame (MMICT)
+    # The backbone's image input (a video: one per frame, MMICT). Set directly (tests, in-memory data), or
+    # None with `transform` + encoded bytes: then it is decoded on every access.
+    image: Any = field(repr=False, compare=False)
     question: str
     answers: list[str]
     task: str
     group: str | None = None  # the episode an example belongs to (binding tasks), from json "episode"
     label: int | None = None  # a binary class (Hateful Memes: 1 = hateful), from json "label" when it is 0/1
-    # The encoded image as stored (far smaller than `image`): RICES embeds it with CLIP's own preprocessing.
+    # The encoded image as stored (a video: its first frame): RICES embeds it with CLIP's own preprocessing.
     image_bytes: bytes | None = field(default=None, repr=False, compare=False)
+    frames_bytes: list[bytes] | None = field(default=None, repr=False, compare=False)  # a video's frames
+    transform: ImageTransform | None = field(default=None, repr=False, compare=False)
+
+
+def _example_image(self: Example) -> Any:
+    value = self.__dict__.get("_image")
+    if value is not None or self.transform is None:
+        return value
+    if self.frames_bytes:
+        return [self.transform(decode_image(data)) for data in self.frames_bytes]
+    return self.transform(decode_image(self.image_bytes))
+
+
+def _set_example_image(self: Example, value: Any) -> None:
+    self.__dict__["_image"] = value
+
+
+Example.image = property(_example_image, _set_example_image)  # type: ignore[assignment,method-assign]
 
 
 def _answers(meta: dict) -> list[str] | None:
@@ -73,7 +97,9 @@ def _frame_keys(sample: dict) -> list[str]:
     return sorted(k for k in sample if k.startswith("frame") and k.rsplit(".", 1)[-1] in IMAGE_KEYS)
 
 
-def decode_example(sample: dict, image_transform: ImageTransform) -> Example | None:
+def decode_example(sample: dict, image_transform: ImageTransform, eager: bool = False) -> Example | None:
+    """One sample -> an Example (None, counted, when unusable). ``eager``: transform now and keep the tensor
+    (a training stream uses each example once); else keep the bytes and transform on access."""
     raw = sample.get("json")
     if raw is None:
         record_skip("missing json")
@@ -95,19 +121,21 @@ def decode_example(sample: dict, image_transform: ImageTransform) -> Example | N
     if data is None and not frames:
         record_skip("missing image")
         return None
-    try:
-        if frames:  # a video: its frames in order, each as the backbone's image input
-            image = [image_transform(decode_image(sample[key])) for key in frames]
-            data = sample[frames[0]]
-        else:
-            image = image_transform(decode_image(data))
+    frames_bytes = [sample[key] for key in frames] if frames else None
+    try:  # decoded here so a corrupt example is skipped now, not in the middle of an evaluation
+        decoded = [decode_image(encoded) for encoded in frames_bytes or [data]]
+        image = None
+        if eager:
+            image = [image_transform(im) for im in decoded] if frames_bytes else image_transform(decoded[0])
     except Exception:  # PIL raises many types for bad bytes
         record_skip("image does not decode")
         return None
     return Example(
         id=str(meta.get("id", sample["__key__"])),
         image=image,
-        image_bytes=data,
+        transform=None if eager else image_transform,
+        image_bytes=frames_bytes[0] if frames_bytes else data,
+        frames_bytes=frames_bytes,
         # Hateful Memes keeps the meme's words in "text" (the dataset's own field): they are its question.
         question=str(meta.get("question", meta.get("prompt", meta.get("text", "")))),
         answers=answers,

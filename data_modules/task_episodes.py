@@ -49,7 +49,7 @@ def _group_episodes(
     made = 0
     for sample in samples:
         watchdog.shards_since_sample = 0
-        example = decode_example(sample, image_transform)
+        example = decode_example(sample, image_transform, eager=True)
         if example is None:
             continue
         if want is None:

@@ -495,6 +495,10 @@ class EpisodeLoader(DataLoader):
 
     def __init__(self, dataset: IterableDataset, *, max_episodes: int | None = None, start_epoch: int = 0,
                  resume: dict[int, dict] | None = None, **kwargs: Any) -> None:
+        # Its own generator: torch draws the workers' base seed from it at every iteration, which would
+        # otherwise advance the global generator (and shift dropout masks after a resume). The streams seed
+        # themselves from (seed, epoch, rank, worker) and never read that base seed.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, **kwargs)
         self.max_episodes = max_episodes
         self._epochs_started = start_epoch

@@ -465,3 +465,18 @@ def test_load_examples_skips_corrupt_samples(tmp_path: Path) -> None:
         "missing answers": 1,
     }
     assert [e.id for e in load_examples([shard], to_tensor, limit=1)] == ["q1"]
+
+
+def test_downstream_examples_keep_bytes_and_decode_on_access(toy_root: Path) -> None:
+    calls = []
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        calls.append(image.size)
+        return to_tensor(image)
+
+    dm = DownstreamDataModule(toy_root, image_transform=transform, num_queries=3)
+    dm.setup()
+    assert calls == []  # nothing preprocessed is held: the pool costs its encoded bytes only
+    example = dm.pool[0]
+    assert example.image_bytes and torch.equal(example.image, example.image) and len(calls) == 2
+    assert example.image.shape == (3, 32, 32)
