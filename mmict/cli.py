@@ -20,6 +20,12 @@ commands:
                                    convert a public dataset (MMC4, OBELICS, OK-VQA, ...) into shards
   pretrain-toy [EXP] [--force]     pretrain (and cache) the experiment's toy backbone; `train` does it
                                    the first time on its own
+  sweep EXP 'key=[a,b]' ... [--dry-run] [--submit]
+                                   write a SLURM job array (one task per grid point, srun python -m
+                                   mmict.train inside); --dry-run prints the sbatch script
+  compare RUN_DIR... [--format md|csv|json]
+                                   compare runs (or a sweep folder) offline: method, backbone, shots,
+                                   losses, eval score per shot count
 """
 
 
@@ -101,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "train":
+            from callbacks.nan_guard import NonFiniteLossError
             from mmict.train import main as train_main
 
-            train_main(rest)
+            try:
+                train_main(rest)
+            except NonFiniteLossError as err:  # the run stopped itself; the message says where and what to do
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         elif command == "eval":
             from mmict.eval.__main__ import main as eval_main
 
@@ -112,10 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             data_main(rest)
         elif command == "pretrain-toy":
             pretrain_toy_main(rest)
+        elif command == "sweep":
+            from mmict.slurm import main as sweep_main
+
+            return sweep_main(rest)
+        elif command == "compare":
+            from mmict.compare import main as compare_main
+
+            return compare_main(rest)
         else:
             print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (ConfigError, FileNotFoundError, ConvertError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ConvertError) as err:
         # User errors: one clear message, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1

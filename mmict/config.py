@@ -54,6 +54,9 @@ __all__ = [
     "ToyBackboneConfig",
     "ToyWorldConfig",
     "TrainerConfig",
+    "FSDPSettings",
+    "SlurmConfig",
+    "key_takes_list",
     "list_experiments",
     "load_config",
     "save_config",
@@ -67,7 +70,11 @@ EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent / "experiments"
 METHODS: tuple[str, ...] = ("aim", "finetune", "mmict")
 DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # mmict.modules.mmict.DEMO_DESIGNS
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# "auto": follows the effective precision (callbacks/precision.py): bfloat16 under bf16-*, else float32.
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
+STRATEGIES: tuple[str, ...] = ("auto", "ddp", "fsdp")
+FSDP_SHARDING: tuple[str, ...] = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")  # callbacks/fsdp.py
+FSDP_STATE_DICT_TYPES: tuple[str, ...] = ("auto", "sharded", "full")
 SHOTS_PER: tuple[str, ...] = ("episode", "step")
 DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # mmict.prompts.DEMO_MODES
 SELECTIONS: tuple[str, ...] = ("random", "rices")  # mmict.eval.selection.make_selector
@@ -81,6 +88,7 @@ LIGHTNING_PRECISIONS: tuple[str, ...] = (
     "16-mixed",
     "16-true",
     "64-true",
+    "auto",  # bf16-mixed where the GPU supports it, else 32-true (callbacks/precision.py)
 )
 
 _COMMAND_LINE = "command line"
@@ -133,7 +141,9 @@ class LoraSettings:
 class BackboneConfig:
     family: str = "llava"  # adapter family: llava, llava_next, qwen2_vl, qwen2_5_vl, idefics2, idefics3, blip2
     name_or_path: str = "data/toy/backbone"  # hub id or local folder
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (bfloat16 on GPUs that have it)
+    # float32 | bfloat16 | float16 | auto (follows trainer.precision); what the hardware cannot run falls back
+    # to float32 with a warning (callbacks/precision.py)
+    dtype: str = "float32"
     chat_template: bool = True  # wrap the query in the model's chat template when it has one
     lora: LoraSettings = field(default_factory=LoraSettings)
     # When set and name_or_path does not exist, a tiny random-init model is built there.
@@ -235,9 +245,23 @@ class OptimConfig:
 
 
 @dataclass
+class FSDPSettings:
+    """`trainer.strategy: fsdp` (callbacks/fsdp.py): units per transformer block, trainable weights in their own."""
+
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    activation_checkpointing: bool = True  # on the LM's decoder layers
+    # Checkpoints hold the trainable weights + optimizer + loop state only. sharded: one shard per rank, no
+    # gather (consolidate: python -m lightning.pytorch.utilities.consolidate_checkpoint CKPT_DIR); full: one
+    # file on rank 0; auto: sharded when the model has >= sharded_above_params parameters.
+    state_dict_type: str = "auto"
+    sharded_above_params: int = 1_000_000_000
+    cpu_offload: bool = False
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 300
-    precision: str = "32-true"
+    precision: str = "32-true"  # a Lightning precision, or auto (bf16-mixed where the GPU has bf16, else 32-true)
     accelerator: str = "auto"
     devices: int = 1
     val_check_interval: int = 100
@@ -246,6 +270,9 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = 1.0
     checkpoint_every_n_steps: int = 100
     progress_bar: bool = True
+    strategy: str = "auto"  # auto (one device; ddp on several) | ddp | fsdp (see trainer.fsdp)
+    num_nodes: int = 1  # SLURM: `mmict sweep` sets it from slurm.nodes
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)
 
 
 @dataclass
@@ -255,6 +282,7 @@ class LoggerConfig:
     project: str = "mmict"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # W&B group; `mmict sweep` sets it to the sweep id
 
 
 @dataclass
@@ -302,10 +330,34 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Resources of the job arrays `mmict sweep` writes (mmict/slurm.py); one array task per grid point."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 1  # = tasks per node (one process per GPU) = trainer.devices
+    cpus_per_task: int = 8
+    mem: Optional[str] = None  # e.g. 64G; null: the partition's default
+    time: str = "24:00:00"
+    constraint: Optional[str] = None  # e.g. a100|h100
+    max_concurrent: Optional[int] = None  # at most this many array tasks at once (--array=0-N%max)
+    signal_seconds: int = 90  # SIGUSR1 this long before the time limit: Lightning checkpoints and requeues
+    python: str = ".venv/bin/python"  # the interpreter srun starts (after `setup`)
+    setup: list[str] = field(default_factory=list)  # shell lines before srun: module load ..., conda activate ...
+    extra_sbatch: list[str] = field(default_factory=list)  # more options, e.g. ["--exclusive", "--mail-type=FAIL"]
+    log_dir: Optional[str] = None  # null: <sweep folder>/logs
+
+
+@dataclass
 class ExperimentConfig:
     name: str = ""  # run name; defaults to the experiment file stem
     seed: int = 0
     run_root: str = "runs"  # runs go to <run_root>/<name>/<timestamp>/
+    # A fixed run folder (reused, e.g. by a requeued SLURM task to find its checkpoint); null: a new
+    # timestamped one (under SLURM: <run_root>/<name>/slurm-<job id>, the same on every rank).
+    run_dir: Optional[str] = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -313,6 +365,7 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -709,6 +762,18 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         raise _choice_error("backbone.dtype", cfg.backbone.dtype, DTYPES, origin)
     if cfg.trainer.precision not in LIGHTNING_PRECISIONS:
         raise _choice_error("trainer.precision", cfg.trainer.precision, LIGHTNING_PRECISIONS, origin)
+    if cfg.trainer.strategy not in STRATEGIES:
+        raise _choice_error("trainer.strategy", cfg.trainer.strategy, STRATEGIES, origin)
+    if cfg.trainer.fsdp.sharding_strategy not in FSDP_SHARDING:
+        raise _choice_error("trainer.fsdp.sharding_strategy", cfg.trainer.fsdp.sharding_strategy, FSDP_SHARDING,
+                            origin)
+    if cfg.trainer.fsdp.state_dict_type not in FSDP_STATE_DICT_TYPES:
+        raise _choice_error("trainer.fsdp.state_dict_type", cfg.trainer.fsdp.state_dict_type, FSDP_STATE_DICT_TYPES,
+                            origin)
+    for key in ("trainer.num_nodes", "slurm.nodes", "slurm.gpus_per_node", "slurm.cpus_per_task",
+                "slurm.signal_seconds"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key {at(key)} must be >= 1")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(
             f"config key {at('optim.betas')} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]"
@@ -814,6 +879,12 @@ def load_config(
     _check_semantics(cfg, origin)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def key_takes_list(dotted: str) -> bool:
+    """Whether a config key's own value is a list (``eval.shots``): a sweep over it needs a list of lists."""
+    tp = _SCHEMA_TYPES.get(dotted)
+    return tp is not None and typing.get_origin(_unwrap_optional(tp)[0]) is list
 
 
 def config_from_dict(

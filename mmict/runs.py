@@ -9,8 +9,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def make_run_dir(run_root: str | Path, name: str) -> Path:
-    """`<run_root>/<name>/<YYYYmmdd-HHMMSS>/`, with a numeric suffix if that folder already exists."""
+def make_run_dir(run_root: str | Path, name: str, pinned: str | Path | None = None) -> Path:
+    """`<run_root>/<name>/<YYYYmmdd-HHMMSS>/`, with a numeric suffix if that folder already exists; or `pinned`
+    (config `run_dir`, a SLURM job's folder), created if needed and reused as is (a requeued job resumes there)."""
+    if pinned:
+        path = Path(pinned)
+        if path.is_dir() and any(path.iterdir()):
+            log.info("reusing run folder %s", path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     base = Path(run_root) / name / datetime.now().strftime("%Y%m%d-%H%M%S")
     path, n = base, 1
     while path.exists():

@@ -8,6 +8,7 @@ Everything a run writes goes to `runs/<exp>/<timestamp>/`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -21,15 +22,18 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import DemoSampler, SkippedSamplesReport
+from callbacks.nan_guard import NonFiniteLossGuard
+from callbacks.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 from data_modules.shots import ShotPolicy
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
-from mmict.config import load_config, save_config
-from mmict.eval.runner import run_eval
+from mmict.config import ConfigError, load_config, save_config
+from mmict.eval.runner import run_eval, versions
 from mmict.modules import METHODS
 from mmict.plots import plot_losses, read_metric
 from mmict.runs import make_run_dir
+from mmict.slurm import default_run_dir, slurm_job_tag
 
 log = logging.getLogger("mmict")
 
@@ -67,23 +71,84 @@ def find_shards_or_fail(cfg: DictConfig) -> None:
     build_datamodule(cfg, image_transform=None)._shards("train", required=True)
 
 
+def train_shots(cfg: DictConfig) -> str:
+    """The training shot setting in one word: `8`, `1-8` or `schedule`."""
+    d = cfg.data
+    if d.get("shots") is not None:
+        return str(d.shots)
+    if d.get("shot_schedule"):
+        return "schedule"
+    return str(d.min_shots) if d.min_shots == d.max_shots else f"{d.min_shots}-{d.max_shots}"
+
+
+def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """WandbLogger arguments: the resolved config plus what a dashboard filters on (method, backbone, shots,
+    git commit, effective precision, SLURM job); a pinned run folder (sweep task, SLURM job) keeps one W&B
+    run id, so a requeued job resumes its W&B run instead of starting another."""
+    runtime_path = run_dir / "runtime.json"
+    runtime = json.loads(runtime_path.read_text()) if runtime_path.is_file() else {}
+    meta = {
+        "method": cfg.method.name, "backbone": cfg.backbone.name_or_path, "backbone_family": cfg.backbone.family,
+        "train_shots": train_shots(cfg), "eval_shots": list(cfg.eval.shots), "eval_task": cfg.eval.task,
+        "git_commit": (runtime.get("versions") or versions()).get("mmict_commit"),
+        "precision": (runtime.get("precision") or {}).get("precision", cfg.trainer.precision),
+        "precision_requested": (runtime.get("precision") or {}).get("requested_precision", cfg.trainer.precision),
+        "slurm_job": runtime.get("slurm_job"), "run_dir": str(run_dir),
+    }
+    settings: dict[str, Any] = dict(
+        project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{run_dir.name}",
+        save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags), group=cfg.logger.group,
+        config={**OmegaConf.to_container(cfg, resolve=True), "run": meta},
+    )
+    if cfg.get("run_dir") or runtime.get("slurm_job"):
+        import hashlib
+
+        settings["id"] = hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:16]
+        settings["resume"] = "allow"
+    return settings
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
     if cfg.logger.wandb and os.environ.get("WANDB_MODE") == "disabled":
         log.info("WANDB_MODE=disabled: not logging to W&B (metrics still go to %s/logs/metrics.csv)", run_dir)
     elif cfg.logger.wandb:
-        loggers.append(WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{run_dir.name}",
-            save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags),
-            config=OmegaConf.to_container(cfg, resolve=True),
-        ))
+        loggers.append(WandbLogger(**wandb_settings(cfg, run_dir)))
     return loggers
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SkippedSamplesReport]:
+def build_strategy(cfg: DictConfig, module: L.LightningModule | None = None, precision: str | None = None) -> Any:
+    """`trainer.strategy`: auto / ddp as Lightning names them; fsdp built from the module's backbone adapter."""
+    tr = cfg.trainer
+    if tr.strategy != "fsdp":
+        return tr.strategy
+    if detect_hardware(tr.accelerator).kind != "cuda":
+        raise ConfigError("trainer.strategy=fsdp shards the model over CUDA GPUs, and none is available here "
+                          f"(trainer.accelerator={tr.accelerator}). Use trainer.strategy=auto (or ddp) on this machine")
+    if module is None:
+        raise ValueError("trainer.strategy=fsdp is built from the method's module: build_trainer(cfg, run_dir, module)")
+    from callbacks.fsdp import build_fsdp_strategy
+
+    return build_fsdp_strategy(module, tr.fsdp, precision or tr.precision)
+
+
+def write_runtime(run_dir: Path, precision: PrecisionDecision) -> dict[str, Any]:
+    """runtime.json: what this run actually ran with (effective vs requested precision, versions, SLURM job)."""
+    runtime = {"precision": precision.as_dict(), "versions": versions(), "slurm_job": slurm_job_tag()}
+    (run_dir / "runtime.json").write_text(json.dumps(runtime, indent=2))
+    return runtime
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path,
+                  module: L.LightningModule | None = None) -> tuple[L.Trainer, SkippedSamplesReport]:
+    """The Trainer; `module` is needed for trainer.strategy=fsdp (its units come from the backbone adapter)."""
     tr = cfg.trainer
     skipped = SkippedSamplesReport(run_dir / "skipped_samples.json")
+    # `auto` is resolved by train() (apply_precision_policy); a direct caller gets the same rule here.
+    precision = tr.precision if tr.precision != "auto" else resolve_precision(
+        "auto", "float32", detect_hardware(tr.accelerator)).precision
     callbacks: list[L.Callback] = [
+        NonFiniteLossGuard(),  # NaN/inf loss: stop before the optimizer step; the last checkpoint stays good
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=-1, save_last=True),
         LearningRateMonitor(logging_interval="step"),
@@ -93,8 +158,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SkippedSam
     if tr.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
     trainer = L.Trainer(
-        default_root_dir=run_dir, accelerator=tr.accelerator, devices=tr.devices, precision=tr.precision,
-        max_steps=tr.max_steps, max_epochs=-1,
+        default_root_dir=run_dir, accelerator=tr.accelerator, devices=tr.devices, precision=precision,
+        strategy=build_strategy(cfg, module, precision), num_nodes=tr.num_nodes, max_steps=tr.max_steps, max_epochs=-1,
         # Streaming data has no length: validate every `val_check_interval` steps across epochs.
         val_check_interval=tr.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=tr.limit_val_batches, log_every_n_steps=tr.log_every_n_steps,
@@ -117,16 +182,19 @@ def loss_summary(metrics_csv: Path, window: int = 5) -> dict[str, float] | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
+    # Effective precision and backbone dtype for this hardware, said out loud (before the backbone loads).
+    precision = apply_precision_policy(cfg)
     prepare_data(cfg)
     # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
     find_shards_or_fail(cfg)
     module = METHODS[cfg.method.name](cfg)
-    run_dir = make_run_dir(cfg.run_root, cfg.name)
+    run_dir = make_run_dir(cfg.run_root, cfg.name, default_run_dir(cfg))
     save_config(cfg, run_dir / "config.yaml")
+    write_runtime(run_dir, precision)
     log.info("run folder: %s", run_dir)
 
     datamodule = build_datamodule(cfg, module.backbone.image_transform)
-    trainer, skipped = build_trainer(cfg, run_dir)
+    trainer, skipped = build_trainer(cfg, run_dir, module=module)
     # Validation before any step is the reference the trained parts are judged against.
     has_val = datamodule.has_val()
     before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
@@ -142,13 +210,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         after = trainer.validate(module, datamodule=datamodule, verbose=False)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
+    if precision.changed:
+        summary["precision"] = precision.messages
     if before and after:
         summary["val_loss"] = {"before": before[0]["val/loss"], "after": after[0]["val/loss"]}
     metrics_csv = run_dir / "logs" / "metrics.csv"
     if metrics_csv.exists():
         summary["loss"] = loss_summary(metrics_csv)
         plot_losses(metrics_csv, run_dir / "loss.png")
-    if cfg.eval.enabled:
+    if cfg.eval.enabled and not trainer.is_global_zero:
+        log.info("evaluation runs on global rank 0 only")
+    elif cfg.eval.enabled and cfg.trainer.strategy == "fsdp":
+        log.warning("trainer.strategy=fsdp: the trained weights are sharded over the GPUs, so evaluation is not run "
+                    "here: run `mmict eval %s` (a sharded checkpoint folder: consolidate it first with `python -m "
+                    "lightning.pytorch.utilities.consolidate_checkpoint <folder>`)",
+                    run_dir / "checkpoints" / "last.ckpt")
+    elif cfg.eval.enabled:
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
                                 wandb_run=wandb_run)
@@ -167,6 +244,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if loss:
         print(f"train loss: {loss['first']:.3f} (first logged steps) -> {loss['last']:.3f} (last logged steps); "
               f"curve: {run_dir / 'loss.png'}")
+    for message in summary.get("precision") or []:
+        print(f"NOTE precision: {message}")
     if summary.get("eval"):
         print(f"\n{summary['eval_report']}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
               "score_vs_shots.png")

@@ -1,0 +1,86 @@
+"""A NaN / inf loss stops the run with the step in the message; the last good checkpoint is the newest one."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from callbacks.nan_guard import NonFiniteLossError
+from mmict.config import load_config
+from mmict.train import build_trainer, shot_policy
+
+BAD_STEP = 8  # the 8th optimizer step's loss is NaN (global_step 7 when it is computed)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, bad_at: int, value: float = math.nan) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+        self.bad_at, self.value = bad_at, value
+
+    def training_step(self, batch, batch_idx):
+        loss = self.net(batch["x"]).pow(2).mean()
+        if self.global_step == self.bad_at - 1:
+            loss = loss * self.value
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Data(L.LightningDataModule):
+    shot_policy = None  # the DemoSampler callback hands its policy here
+
+    def train_dataloader(self):
+        xs = [{"x": torch.randn(4)} for _ in range(64)]
+        return DataLoader(xs, batch_size=2)
+
+
+def _trainer(tmp_path):
+    cfg = load_config("toy_aim", ["trainer.accelerator=cpu", "logger.wandb=false", "trainer.progress_bar=false",
+                                  "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=20",
+                                  "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1"])
+    assert shot_policy(cfg) is not None
+    trainer, _ = build_trainer(cfg, tmp_path)
+    return trainer
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_loss_stops_before_the_update(tmp_path, value):
+    trainer = _trainer(tmp_path)
+    module = Tiny(BAD_STEP, value)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(module, datamodule=Data())
+    msg = str(info.value)
+    assert f"at training step {BAD_STEP} " in msg and f"global_step {BAD_STEP - 1}" in msg
+    assert "last.ckpt" in msg and "(step 6)" in msg
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step000003.ckpt", "step000006.ckpt"]  # nothing after the bad step
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    # The bad batch never reached the optimizer: the weights are still finite.
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert trainer.global_step == BAD_STEP - 1
+
+
+def test_finite_losses_run_to_the_end(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.fit(Tiny(bad_at=10_000), datamodule=Data())
+    assert trainer.global_step == 20
+
+
+def test_cli_reports_it_as_an_error(monkeypatch, capsys):
+    from mmict import cli
+
+    def boom(argv):
+        raise NonFiniteLossError("train/loss is nan at training step 8")
+
+    monkeypatch.setattr("mmict.train.main", boom)
+    assert cli.main(["train", "toy_aim"]) == 1
+    assert "error: train/loss is nan at training step 8" in capsys.readouterr().err
