@@ -24,7 +24,8 @@ class RNGState(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            # as plain ints: checkpoints load with torch.load(weights_only=True), which refuses numpy arrays
+            "numpy": _plain(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -38,7 +39,13 @@ class RNGState(L.Callback):
             return
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached))

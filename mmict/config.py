@@ -358,6 +358,9 @@ class ExperimentConfig:
     # A fixed run folder (reused, e.g. by a requeued SLURM task to find its checkpoint); null: a new
     # timestamped one (under SLURM: <run_root>/<name>/slurm-<job id>, the same on every rank).
     run_dir: Optional[str] = None
+    # auto: an interrupted run of this same config (unfinished, with a checkpoint) is continued where its last
+    # checkpoint left it, data stream and RNGs included; never: always a new run; or a checkpoint / run folder.
+    resume: str = "auto"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)

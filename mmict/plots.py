@@ -13,13 +13,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metric(metrics_csv: str | Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one metric from Lightning's CSVLogger file."""
-    points = []
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get(key) not in (None, ""):
-                points.append((int(row["step"]), float(row[key])))
-    return points
+    """(step, value) pairs of one metric from Lightning's CSVLogger file, in step order.
+
+    A resumed run keeps the interrupted run's file as ``metrics.part-<n>.csv`` next to it (Lightning's CSV
+    logger would delete it) and logs again the steps the interrupted run had logged after its last
+    checkpoint: all parts are read in order, and the later value of a step (the one that counted) wins.
+    """
+    metrics_csv = Path(metrics_csv)
+    parts = sorted(metrics_csv.parent.glob("metrics.part-*.csv"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    points: dict[int, float] = {}
+    for path in [*parts, metrics_csv]:
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(key) not in (None, ""):
+                    points[int(row["step"])] = float(row[key])
+    return sorted(points.items())
+
+
+def keep_metrics_of_interrupted_run(log_dir: str | Path) -> Path | None:
+    """Move ``metrics.csv`` aside as the next ``metrics.part-<n>.csv`` before a resumed run logs (Lightning's CSV
+    logger deletes an existing file); `read_metric` reads the parts back in order."""
+    current = Path(log_dir) / "metrics.csv"
+    if not current.is_file():
+        return None
+    n = len(list(current.parent.glob("metrics.part-*.csv")))
+    target = current.with_name(f"metrics.part-{n}.csv")
+    current.rename(target)
+    return target
 
 
 def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQ
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import DemoSampler, SkippedSamplesReport
+from callbacks import DemoSampler, RNGState, RunRecord, SkippedSamplesReport
 from callbacks.nan_guard import NonFiniteLossGuard
 from callbacks.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 from data_modules.shots import ShotPolicy
@@ -31,7 +31,8 @@ from data_modules.web_corpus import WebCorpusDataModule
 from mmict.config import ConfigError, load_config, save_config
 from mmict.eval.runner import run_eval, versions
 from mmict.modules import METHODS
-from mmict.plots import plot_losses, read_metric
+from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
+from mmict.resume import FINISHED, find_resume
 from mmict.runs import make_run_dir
 from mmict.slurm import default_run_dir, slurm_job_tag
 
@@ -100,12 +101,17 @@ def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags), group=cfg.logger.group,
         config={**OmegaConf.to_container(cfg, resolve=True), "run": meta},
     )
-    if cfg.get("run_dir") or runtime.get("slurm_job"):
-        import hashlib
-
-        settings["id"] = hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:16]
-        settings["resume"] = "allow"
+    # One W&B run per run folder: a resumed run (same folder: `resume`, a requeued SLURM task, a pinned
+    # run_dir) continues its W&B run instead of starting another.
+    settings["id"] = wandb_id(run_dir)
+    settings["resume"] = "allow"
     return settings
+
+
+def wandb_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.absolute()).encode()).hexdigest()[:16]
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
@@ -154,6 +160,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path,
         LearningRateMonitor(logging_interval="step"),
         skipped,
         DemoSampler(shot_policy(cfg)),
+        RNGState(),  # resumed runs draw the same dropout masks as the uninterrupted run would have
+        RunRecord(str(run_dir), wandb_id(run_dir)),
     ]
     if tr.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
@@ -188,17 +196,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
     find_shards_or_fail(cfg)
     module = METHODS[cfg.method.name](cfg)
-    run_dir = make_run_dir(cfg.run_root, cfg.name, default_run_dir(cfg))
-    save_config(cfg, run_dir / "config.yaml")
+    pinned = default_run_dir(cfg)
+    resume = find_resume(cfg, pinned)
+    if resume is not None:
+        run_dir = resume.run_dir
+        log.warning("continuing the interrupted run %s from %s (resume=never starts a new run instead)", run_dir,
+                    resume.checkpoint.name)
+        kept = keep_metrics_of_interrupted_run(run_dir / "logs")
+        if kept is not None:
+            log.info("the interrupted run's metrics stay in %s", kept)
+    else:
+        run_dir = make_run_dir(cfg.run_root, cfg.name, pinned)
+        save_config(cfg, run_dir / "config.yaml")
     write_runtime(run_dir, precision)
     log.info("run folder: %s", run_dir)
 
     datamodule = build_datamodule(cfg, module.backbone.image_transform)
     trainer, skipped = build_trainer(cfg, run_dir, module=module)
-    # Validation before any step is the reference the trained parts are judged against.
+    # Validation before any step is the reference the trained parts are judged against (a resumed run has it).
     has_val = datamodule.has_val()
-    before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
-    trainer.fit(module, datamodule=datamodule)
+    before_file = run_dir / "val_before.json"
+    if has_val and resume is not None and before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
+        before_file.write_text(json.dumps(before))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
     # fit validates every `val_check_interval` steps; when that includes the last step, its result is
     # the "after" number and validating again would only repeat the work.
     tr = cfg.trainer
@@ -230,6 +253,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
                                 wandb_run=wandb_run)
         summary["eval"], summary["eval_report"] = rows, report
+    # The mark of a finished run: `resume=auto` never continues it.
+    (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
     return summary
 

@@ -71,7 +71,7 @@ def test_wandb_gets_group_tags_commit_method_backbone_shots(tmp_path):
     assert run["method"] == "aim" and run["backbone_family"] == "llava" and run["train_shots"] == "4"
     assert run["eval_shots"] == [0, 1, 2, 4, 8] and run["git_commit"]
     assert settings["config"]["trainer"]["max_steps"] == cfg.trainer.max_steps  # the resolved config
-    # a pinned folder (sweep task) keeps its W&B run across requeues
+    # one W&B run per run folder: a requeued or resumed run continues it; another folder is another run
     assert settings["id"] == wandb_settings(cfg, tmp_path / "pinned")["id"] and settings["resume"] == "allow"
-    assert "id" not in wandb_settings(load_config("toy_aim"), tmp_path / "fresh")
+    assert wandb_settings(load_config("toy_aim"), tmp_path / "fresh")["id"] != settings["id"]
     assert train_shots(load_config("toy_aim")) == "1-7"
