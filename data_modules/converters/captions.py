@@ -26,7 +26,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import Context, ConvertError, Sample, example_sample, extra_options, read_image_file, register, safe_key
+from .common import (
+    Context,
+    ConvertError,
+    Sample,
+    each_sample,
+    example_sample,
+    extra_options,
+    read_image_file,
+    register,
+    safe_key,
+)
 from .vqa import load_json
 
 SPLITS = ("train", "val", "test")
@@ -105,19 +115,11 @@ def _flickr_sample(record: dict, images: Path, ctx: Context) -> Sample | None:
 def read_coco_caption(ctx: Context) -> Iterator[Sample]:
     records, folder = _karpathy_records(ctx, "dataset_coco.json", COCO_LAYOUT)
     root = ctx.options.images or folder
-    for record in records:
-        sample = _coco_sample(record, root, ctx)
-        ctx.advance()
-        if sample is not None:
-            yield sample
+    yield from each_sample(records, lambda record: _coco_sample(record, root, ctx), ctx)
 
 
 @register("flickr30k", kind="image", layout=FLICKR_LAYOUT, splits=SPLITS)
 def read_flickr30k(ctx: Context) -> Iterator[Sample]:
     records, folder = _karpathy_records(ctx, "dataset_flickr30k.json", FLICKR_LAYOUT)
     images = ctx.options.images or folder / "flickr30k-images"
-    for record in records:
-        sample = _flickr_sample(record, images, ctx)
-        ctx.advance()
-        if sample is not None:
-            yield sample
+    yield from each_sample(records, lambda record: _flickr_sample(record, images, ctx), ctx)

@@ -169,6 +169,15 @@ def example_sample(key: str, meta: dict[str, Any], image: tuple[str, bytes]) -> 
     return {"__key__": key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"), ext: data}
 
 
+def each_sample(records: Iterable[Any], make: Callable[[Any], Sample | None], ctx: Context) -> Iterator[Sample]:
+    """The samples ``make`` builds from ``records`` (None: skipped), advancing the progress once per record."""
+    for record in records:
+        sample = make(record)
+        ctx.advance()
+        if sample is not None:
+            yield sample
+
+
 def safe_key(text: str) -> str:
     """A webdataset key: no dots (webdataset splits keys from extensions at the first dot) or slashes."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))

@@ -25,6 +25,7 @@ from .common import (
     Context,
     ConvertError,
     Sample,
+    each_sample,
     example_sample,
     extra_options,
     iter_json_lines,
@@ -80,8 +81,4 @@ def read_hateful_memes(ctx: Context) -> Iterator[Sample]:
                            f"expected layout:\n{LAYOUT}")
     ctx.total(len(lines) + sum(ctx.skipped.values()))  # the lines read so far that did not parse count too
     images = ctx.options.images or src
-    for line in lines:
-        sample = _meme_sample(line, images, ctx)
-        ctx.advance()
-        if sample is not None:
-            yield sample
+    yield from each_sample(lines, lambda line: _meme_sample(line, images, ctx), ctx)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +350,33 @@ def _qa_fields(record: Any) -> tuple[str, str, str, int] | None:
         return None
 
 
+# A QA record's video number -> (video_id, video file name, meta fields that follow video_id), or None.
+_QaVideo = Callable[[int], tuple[str, str, dict[str, Any]] | None]
+
+
+def _qa_items(records: list[Any], task: str, video: _QaVideo, ctx: Context, *, no_video: str = "no video",
+              keep: tuple[str, ...] = ()) -> list[tuple[str, str, tuple[str, dict[str, Any]]]]:
+    """(video_id, file name, (key, meta)) of each QA record, for `_group_by_video`; ``keep``: record fields
+    copied after the answers. A malformed record, or one ``video`` finds none for (``no_video``), is skipped."""
+    items = []
+    for record in records:
+        fields = _qa_fields(record)
+        if fields is None:
+            ctx.skip("malformed question")
+            continue
+        qid, question, answer, number = fields
+        found = video(number)
+        if found is None:
+            ctx.skip(no_video)
+            continue
+        video_id, file_name, video_fields = found
+        meta = {"id": qid, "task": task, "video_id": video_id, **video_fields, "question": question,
+                "answers": [answer]}
+        meta.update({key: record[key] for key in keep if key in record})
+        items.append((video_id, file_name, (safe_key(qid), meta)))
+    return items
+
+
 @register("msvd_qa", "video", MSVD_QA_LAYOUT, QA_SPLITS)
 def read_msvd_qa(ctx: Context) -> Iterator[Sample]:
     split = _check_split(ctx, QA_SPLITS, "msvd_qa", MSVD_QA_LAYOUT)
@@ -357,20 +384,12 @@ def read_msvd_qa(ctx: Context) -> Iterator[Sample]:
     records = _qa_records(src / f"{split}_qa.json", f"MSVD-QA {split} questions", MSVD_QA_LAYOUT)
     mapping = _msvd_mapping(src, MSVD_QA_LAYOUT)
     dirs = _video_dirs(ctx, ["video", "YouTubeClips"], MSVD_QA_LAYOUT)
-    items = []
-    for record in records:
-        fields = _qa_fields(record)
-        if fields is None:
-            ctx.skip("malformed question")
-            continue
-        qid, question, answer, vid = fields
+
+    def clip_of(vid: int) -> tuple[str, str, dict[str, Any]] | None:
         clip = mapping.get(vid)
-        if clip is None:
-            ctx.skip("video_id not in youtube_mapping.txt")
-            continue
-        meta = {"id": qid, "task": "msvd_qa", "video_id": f"vid{vid}", "clip": clip, "question": question,
-                "answers": [answer]}
-        items.append((f"vid{vid}", f"{clip}.avi", (safe_key(qid), meta)))
+        return None if clip is None else (f"vid{vid}", f"{clip}.avi", {"clip": clip})
+
+    items = _qa_items(records, "msvd_qa", clip_of, ctx, no_video="video_id not in youtube_mapping.txt")
     yield from _emit(ctx, _group_by_video(items, dirs))
 
 
@@ -417,17 +436,6 @@ def read_msrvtt_qa(ctx: Context) -> Iterator[Sample]:
     src = ctx.options.src
     records = _qa_records(src / f"{split}_qa.json", f"MSRVTT-QA {split} questions", MSRVTT_QA_LAYOUT)
     dirs = _video_dirs(ctx, ["video", "TrainValVideo", "TestVideo"], MSRVTT_QA_LAYOUT)
-    items = []
-    for record in records:
-        fields = _qa_fields(record)
-        if fields is None:
-            ctx.skip("malformed question")
-            continue
-        qid, question, answer, number = fields
-        video_id = f"video{number}"
-        meta: dict[str, Any] = {"id": qid, "task": "msrvtt_qa", "video_id": video_id, "question": question,
-                                "answers": [answer]}
-        if "category_id" in record:
-            meta["category_id"] = record["category_id"]
-        items.append((video_id, f"{video_id}.mp4", (safe_key(qid), meta)))
+    items = _qa_items(records, "msrvtt_qa", lambda number: (f"video{number}", f"video{number}.mp4", {}), ctx,
+                      keep=("category_id",))
     yield from _emit(ctx, _group_by_video(items, dirs))

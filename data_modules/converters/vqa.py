@@ -39,6 +39,7 @@ from .common import (
     Context,
     ConvertError,
     Sample,
+    each_sample,
     example_sample,
     extra_options,
     read_image_file,
@@ -79,6 +80,20 @@ def _answer_strings(answers: Any) -> list[str]:
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _vqa_sample(ctx: Context, id_: str, task: str, question: str, answers: Any, image_path: Path,
+                fields: dict[str, Any]) -> Sample | None:
+    """A question's sample (``fields`` follow the answers in its json); None, counted, without answers or image."""
+    answer_strings = _answer_strings(answers)
+    if not answer_strings:
+        ctx.skip("no answers")
+        return None
+    image = read_image_file(image_path, ctx)
+    if image is None:
+        return None
+    meta = {"id": id_, "task": task, "question": question, "answers": answer_strings, **fields}
+    return example_sample(safe_key(id_), meta, image)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,17 +138,10 @@ def _coco_vqa_sample(record: Any, by_question: dict, images: Path, task: str, sp
     if annotation is None:
         ctx.skip("question has no annotation")
         return None
-    answers = _answer_strings(annotation.get("answers"))
-    if not answers:
-        ctx.skip("no answers")
-        return None
-    image = read_image_file(images / f"COCO_{split}2014_{image_id:012d}.jpg", ctx)
-    if image is None:
-        return None
-    meta = {"id": str(question_id), "task": task, "question": record["question"], "answers": answers,
-            "image_id": image_id, "question_id": question_id}
-    meta.update({key: annotation[key] for key in keep if key in annotation})
-    return example_sample(safe_key(str(question_id)), meta, image)
+    fields = {"image_id": image_id, "question_id": question_id}
+    fields.update({key: annotation[key] for key in keep if key in annotation})
+    return _vqa_sample(ctx, str(question_id), task, record["question"], annotation.get("answers"),
+                       images / f"COCO_{split}2014_{image_id:012d}.jpg", fields)
 
 
 @register("okvqa", kind="image", layout=OKVQA_LAYOUT, splits=SPLITS,
@@ -173,18 +181,10 @@ def _vizwiz_sample(record: Any, images: Path, ctx: Context) -> Sample | None:
             or not isinstance(record.get("question"), str):
         ctx.skip("malformed question")
         return None
-    answers = _answer_strings(record.get("answers"))
-    if not answers:
-        ctx.skip("no answers")
-        return None
-    image = read_image_file(images / record["image"], ctx)
-    if image is None:
-        return None
     name = record["image"]
-    meta = {"id": Path(name).stem, "task": "vizwiz", "question": record["question"], "answers": answers,
-            "image": name}
-    meta.update({key: record[key] for key in ("answerable", "answer_type") if key in record})
-    return example_sample(safe_key(Path(name).stem), meta, image)
+    fields = {"image": name, **{key: record[key] for key in ("answerable", "answer_type") if key in record}}
+    return _vqa_sample(ctx, Path(name).stem, "vizwiz", record["question"], record.get("answers"), images / name,
+                       fields)
 
 
 @register("vizwiz", kind="image", layout=VIZWIZ_LAYOUT, splits=SPLITS, unavailable=NO_TEST)
@@ -214,17 +214,10 @@ def _textvqa_sample(record: Any, images: Path, ctx: Context) -> Sample | None:
             or not isinstance(record.get("image_id"), str) or not _is_id(record.get("question_id")):
         ctx.skip("malformed question")
         return None
-    answers = _answer_strings(record.get("answers"))
-    if not answers:
-        ctx.skip("no answers")
-        return None
-    image = read_image_file(images / f"{record['image_id']}.jpg", ctx)
-    if image is None:
-        return None
     question_id = record["question_id"]
-    meta = {"id": str(question_id), "task": "textvqa", "question": record["question"], "answers": answers,
-            "image_id": record["image_id"], "question_id": question_id}
-    return example_sample(safe_key(str(question_id)), meta, image)
+    return _vqa_sample(ctx, str(question_id), "textvqa", record["question"], record.get("answers"),
+                       images / f"{record['image_id']}.jpg",
+                       {"image_id": record["image_id"], "question_id": question_id})
 
 
 @register("textvqa", kind="image", layout=TEXTVQA_LAYOUT, splits=SPLITS, unavailable=NO_TEST)
@@ -238,10 +231,6 @@ def read_textvqa(ctx: Context) -> Iterator[Sample]:
 
 
 def _each(records: list, make: Callable[[Any], Sample | None], ctx: Context) -> Iterator[Sample]:
-    """The samples ``make`` builds from ``records``, advancing the progress once per record."""
+    """The samples ``make`` builds from ``records``, the progress bar's total set to their number."""
     ctx.total(len(records))
-    for record in records:
-        sample = make(record)
-        ctx.advance()
-        if sample is not None:
-            yield sample
+    yield from each_sample(records, make, ctx)
