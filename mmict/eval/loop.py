@@ -3,6 +3,11 @@
 Demos are drawn from the demo pool (the train split) by the task's selection (`selection.py`), seeded
 per (seed, shots) trial so every method sees the same demos for the same query. Zero-shot is the same
 prompt for every demo mode, so it is computed once per seed.
+
+Every trial's demos are drawn before the first query runs. When the module has a demonstration bank
+(`mmict.bank`, AIM with `eval.bank.enabled`), each distinct demo of all trials is read once up front, in batches,
+and every trial, seed and shot count looks its demos up by id. Queries are answered in batches: one
+left-padded assembly and one `generate` call (greedy or beam search with the KV cache) per batch.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
+from mmict.bank import image_source
 from mmict.eval.likelihood import class_probabilities
 from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
@@ -37,17 +43,50 @@ class TrialResult:
     predictions: list[dict] | None = None
 
 
-def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task) -> dict:
-    """The same batch layout the training data uses (`collate_episodes`)."""
+class LazyImages(Sequence):
+    """Demo images read (an `Example` decodes its image on access) only when indexed: a demonstration bank that
+    already holds a demo never needs its pixels."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return LazyImages(self.examples[i]) if isinstance(i, slice) else self.examples[i].image
+
+
+def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task,
+                  lazy_demo_images: bool = False) -> dict:
+    """The same batch layout the training data uses (`collate_episodes`), plus each demo's id and image source
+    (what a demonstration bank knows it by); `lazy_demo_images` leaves demo images undecoded until read."""
     demo_flat = [d for ds in demos for d in ds]
     return {
-        "demo_images": [d.image for d in demo_flat],
+        "demo_ids": [d.id for d in demo_flat],
+        "demo_sources": [image_source(d) for d in demo_flat],
+        "demo_images": LazyImages(demo_flat) if lazy_demo_images else [d.image for d in demo_flat],
         "demo_texts": [task.demo_text(d) for d in demo_flat],
         "demo_counts": [len(ds) for ds in demos],
         "query_images": [q.image for q in queries],
         "query_prompts": [task.query_prompt(q) for q in queries],
         "query_targets": [q.answers[0] for q in queries],
     }
+
+
+def _draw(selector: DemoSelector, queries: Sequence[Example], seed: int, k: int) -> list[list[Example]]:
+    """The demos of every query in the (seed, k) trial, from one rng seeded by the trial."""
+    rng = random.Random(f"{seed}-{k}")
+    return [selector.select(rng, q, k) for q in queries]
+
+
+def build_bank(bank, demos: Sequence[Example], task: Task) -> int:
+    """Put every distinct demo of the evaluation in the bank (batched, with a progress bar); how many were read."""
+    unique = list({d.id: d for d in demos}.values())
+    if not unique:
+        return 0
+    return bank.build([d.id for d in unique], LazyImages(unique), [task.demo_text(d) for d in unique],
+                      sources=[image_source(d) for d in unique], desc=f"demo bank ({task.name})")
 
 
 def chance_rate(queries: Sequence[Example], selector: DemoSelector) -> float | None:
@@ -92,17 +131,22 @@ def evaluate(
     # k demos shown "none" would repeat the zero-shot trial: a no-demo method is scored at 0 shots only.
     shown = [m for m in demo_modes if m != "none"]
     trials = [(seed, k, mode) for seed in seeds for k in shots for mode in (["none"] if k == 0 else shown)]
+    # Every trial's demos, drawn once per (seed, shots): the same for every demo mode, and known before the
+    # first query runs, so a demonstration bank can read all of them in batches up front.
+    plans = {(seed, k): _draw(selector, queries, seed, k) for seed, k in dict.fromkeys((s, k) for s, k, _ in trials)}
+    bank = getattr(module, "bank", None)
+    if bank is not None and "fused" in shown:
+        build_bank(bank, [d for (_, k), ds in plans.items() if k > 0 for q_demos in ds for d in q_demos], task)
     results = []
     bar = tqdm(total=len(trials) * len(queries), desc="eval", unit="query", disable=not progress)
     for seed, k, mode in trials:
-        rng = random.Random(f"{seed}-{k}")
-        demos = [selector.select(rng, q, k) for q in queries]
+        demos = plans[(seed, k)]
         answers, ctx, records = [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats(module.device)
         for start in range(0, len(queries), batch_size):
             q, d = queries[start : start + batch_size], demos[start : start + batch_size]
-            batch = episode_batch(q, d, task)
+            batch = episode_batch(q, d, task, lazy_demo_images=mode == "fused" and bank is not None)
             batch = {key: v.to(module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
             if task.kind == "classify":

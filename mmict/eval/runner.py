@@ -57,6 +57,15 @@ def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: st
              **{f"{prefix}/{name}": wandb.Image(str(path)) for name, path in images.items()}})
 
 
+def attach_bank(module, cfg: DictConfig):
+    """The demonstration bank of `eval.bank` on a module that reads demos (AIM), when enabled; else None."""
+    bank_cfg = cfg.eval.bank
+    if not bank_cfg.enabled or not hasattr(module, "attach_bank") or "fused" not in module.eval_demo_modes():
+        return None
+    root = Path(bank_cfg.dir) if bank_cfg.dir else Path(cfg.data.root) / "bank"
+    return module.attach_bank(root, store=bank_cfg.store, pool=f"{cfg.eval.task}-train", batch_size=bank_cfg.batch_size)
+
+
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
              wandb_run: Any = None) -> tuple[list[dict], str]:
     """Shots x seeds x demo modes on `cfg.eval.task`; writes results.json, results.md, score_vs_shots.png and
@@ -70,6 +79,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     dm = DownstreamDataModule(cfg.data.root, task=ev.task, image_transform=module.backbone.image_transform,
                               num_queries=ev.num_queries)
     dm.setup("test")
+    bank = attach_bank(module, cfg)
     results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),
                        demo_modes=module.eval_demo_modes(), task=task, batch_size=ev.batch_size,
                        max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, selection=ev.selection,
@@ -93,6 +103,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
                      or task.max_new_tokens} if task.kind == "generate" else {"classes": list(task.classes)},
         "chance": chance, "aim_vs_icl": comparison,
+        "bank": None if bank is None else {"dir": str(bank.path), **bank.stats},
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from mmict.aim import DemoReader, FusedTokenProjector
 from mmict.backbones import Backbone
+from mmict.bank import DemoBank, aim_bank
 from mmict.modules.base import FrozenBackboneModule
 
 
@@ -28,15 +31,60 @@ class AIMModule(FrozenBackboneModule):
         self.reader = DemoReader(self.backbone, layer=aim.layer, final_norm=aim.final_norm)
         d = self.backbone.hidden_size
         self.projector = FusedTokenProjector(d, d, kind=aim.projector, mlp_hidden=aim.mlp_hidden)
+        self._demo_keys: tuple[Sequence[str] | None, Sequence | None] = (None, None)  # (ids, sources) of a batch
 
     # ---- the method ---------------------------------------------------------------------------
-    def fuse(self, demo_images: torch.Tensor, demo_texts: Sequence[str]) -> list[torch.Tensor]:
-        """Fused tokens of each demo: frozen read (no grad) then the trainable projection."""
-        hidden = self.reader.read(demo_images, list(demo_texts))
+    bank: DemoBank | None = None  # set by `attach_bank` (evaluation): demos read once, looked up by id
+
+    def attach_bank(self, root: str | Path, *, store: str = "hidden", pool: str = "pool", batch_size: int = 16,
+                    progress: bool = True) -> DemoBank:
+        """Read demos through a demonstration bank (`mmict.bank`) from now on, for batches that carry
+        `demo_ids`: each demo's reading (hidden states, or fused tokens with `store="fused"`) is computed once."""
+        self.bank = aim_bank(self, root, store=store, pool=pool, batch_size=batch_size, progress=progress)
+        return self.bank
+
+    def batch_prompts(self, batch: dict[str, Any], demo_mode: str | None = None,
+                      with_target: bool = True) -> list:
+        # The demos' ids and image sources (when the batch has them) reach `fuse`, whose signature the base
+        # class fixes.
+        self._demo_keys = (batch.get("demo_ids"), batch.get("demo_sources"))
+        try:
+            return super().batch_prompts(batch, demo_mode, with_target)
+        finally:
+            self._demo_keys = (None, None)
+
+    def _bank_applies(self, ids: Sequence[str] | None) -> bool:
+        if self.bank is None or ids is None:
+            return False
+        # Stored fused tokens carry no gradient: while the projector trains, they are computed afresh.
+        return self.bank.store == "hidden" or not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()))
+
+    def fuse(self, demo_images: torch.Tensor, demo_texts: Sequence[str], demo_ids: Sequence[str] | None = None,
+             demo_sources: Sequence | None = None) -> list[torch.Tensor]:
+        """Fused tokens of each demo: frozen read (no grad) then the trainable projection. With a bank
+        attached and the demos' ids known, the read (or the whole result) comes from the bank, and the demo
+        images are not even read when their sources (`mmict.bank.image_source`) identify them."""
+        ids, sources = (demo_ids, demo_sources) if demo_ids is not None else self._demo_keys
+        if not self._bank_applies(ids):
+            return self.project(self.reader.read(list(demo_images), list(demo_texts)))
+        stored = self.bank.lookup(ids, demo_images, list(demo_texts), sources)
+        if self.bank.store == "hidden":
+            return self.project(stored)
+        return self._to_device(stored, self.backbone.device, self.backbone.dtype)
+
+    def project(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Demos' hidden states -> their fused tokens (one projector call for the whole batch)."""
         if not hidden:
             return []
-        lengths = [h.shape[0] for h in hidden]
         # The projector trains in its own (fp32) dtype even when the frozen backbone runs in bf16.
-        weight_dtype = next(self.projector.parameters()).dtype
-        fused = self.projector(torch.cat(hidden).to(weight_dtype))
-        return list(torch.split(fused, lengths))
+        weight = next(self.projector.parameters())
+        fused = self.projector(torch.cat(hidden).to(weight.device, weight.dtype))
+        return list(torch.split(fused, [h.shape[0] for h in hidden]))
+
+    @staticmethod
+    def _to_device(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """One transfer for a batch of stored tensors (not one per demo)."""
+        if not tensors:
+            return []
+        return list(torch.split(torch.cat(tensors).to(device, dtype), [t.shape[0] for t in tensors]))
