@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import MODULES, REGISTRY, Context, Result
+from mmict.runs import unique_path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 
@@ -135,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## targets\n{payload['summary']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # the previous results are kept, not overwritten: bench/history/results-<its time>.json
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(out.stat().st_mtime))
+        kept = unique_path(out.parent / "history" / f"{out.stem}-{stamp}{out.suffix}")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        out.rename(kept)
+        print(f"previous results moved to {kept}")
     out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"\nresults: {out}")
     return 1 if failed else 0
