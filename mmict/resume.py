@@ -95,11 +95,18 @@ def find_resume(cfg: DictConfig, pinned: str | None) -> Resume | None:
         if (run_dir / FINISHED).exists() or not same_run(cfg, run_dir):
             continue
         ckpt = loadable_checkpoint(run_dir)
-        if ckpt is not None:
-            return Resume(run_dir, ckpt)
-        log.info("interrupted run %s has no checkpoint to continue from: starting a new run", run_dir)
-        return None
+        if ckpt is None:
+            log.info("interrupted run %s has no checkpoint to continue from: starting a new run", run_dir)
+            return None
+        if _trained_to_the_end(ckpt, cfg):
+            continue  # a run finished before runs were marked (no summary.json): not an interrupted one
+        return Resume(run_dir, ckpt)
     return None
+
+
+def _trained_to_the_end(ckpt: Path, cfg: DictConfig) -> bool:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    return int(state.get("global_step", 0)) >= int(cfg.trainer.max_steps)
 
 
 def _explicit(path: Path) -> Resume:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mmict.train as train_module
-from mmict.config import ConfigError, load_config
+from mmict.config import ConfigError, load_config, save_config
 from mmict.plots import read_metric
 from mmict.resume import FINISHED, find_resume, loadable_checkpoint
 from mmict.train import train, wandb_id
@@ -86,3 +86,16 @@ def test_resume_choices(tmp_path, caplog):
     with pytest.raises(ConfigError, match="no such checkpoint"):
         find_resume(load_config("toy_aim", [f"resume={tmp_path / 'nope'}"]), None)
     assert find_resume(load_config("toy_aim", ["resume=never"]), None) is None
+
+
+def test_a_run_trained_to_the_end_is_not_continued(tmp_path):
+    cfg = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "trainer.max_steps=10"])
+    run = tmp_path / "runs" / "toy_aim" / "20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    torch.save({"global_step": 10}, run / "checkpoints" / "last.ckpt")  # finished, from before summary.json
+    assert find_resume(cfg, None) is None
+    torch.save({"global_step": 6}, run / "checkpoints" / "last.ckpt")  # interrupted at step 6
+    assert find_resume(cfg, None).checkpoint == run / "checkpoints" / "last.ckpt"
+    other = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "trainer.max_steps=10", "optim.lr=0.5"])
+    assert find_resume(other, None) is None  # another config: not this run
