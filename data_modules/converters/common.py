@@ -134,15 +134,16 @@ def image_member(data: bytes) -> tuple[str, bytes]:
         raise ValueError(f"image does not decode: {err}") from err
 
 
-def read_image_file(path: Path, ctx: Context) -> tuple[str, bytes] | None:
-    """An image file as (extension, bytes); None (counted as a skip) when missing or undecodable."""
+def read_image_file(path: Path, ctx: Context, missing: str = "missing image",
+                    undecodable: str = "image does not decode") -> tuple[str, bytes] | None:
+    """An image file as (extension, bytes); None, counted under ``missing`` or ``undecodable``, otherwise."""
     if not path.is_file():
-        ctx.skip("missing image")
+        ctx.skip(missing)
         return None
     try:
         return image_member(path.read_bytes())
     except ValueError:
-        ctx.skip("image does not decode")
+        ctx.skip(undecodable)
         return None
 
 

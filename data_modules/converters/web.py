@@ -49,9 +49,9 @@ from .common import (
     ConvertError,
     Sample,
     extra_options,
-    image_member,
     iter_json_lines,
     iter_jsonl,
+    read_image_file,
     register,
     safe_key,
 )
@@ -118,14 +118,8 @@ def _images_dir(ctx: Context, name: str, layout: str) -> Path:
 
 def _read_image(path: Path, ctx: Context) -> tuple[str, bytes] | None:
     """An image of a document; None (counted) when missing or undecodable: the image, not the document, goes."""
-    if not path.is_file():
-        ctx.skip("image dropped: missing file")
-        return None
-    try:
-        return image_member(path.read_bytes())
-    except ValueError:
-        ctx.skip("image dropped: does not decode")
-        return None
+    return read_image_file(path, ctx, missing="image dropped: missing file",
+                           undecodable="image dropped: does not decode")
 
 
 def _doc_sample(key: str, url: Any, texts: list, kept: list[Kept], ctx: Context) -> Sample | None:
