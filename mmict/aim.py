@@ -20,10 +20,18 @@ from mmict.segments import Image, Pixels, Text
 class FusedTokenProjector(nn.Module):
     """Hidden states (n, d_hidden) -> fused tokens (n, d_embed). Linear by default, MLP as an option."""
 
-    def __init__(self, d_hidden: int, d_embed: int, kind: str = "linear", mlp_hidden: int | None = None) -> None:
+    def __init__(self, d_hidden: int, d_embed: int, kind: str = "linear", mlp_hidden: int | None = None,
+                 init: str = "default") -> None:
         super().__init__()
+        if init not in ("default", "identity"):
+            raise ValueError(f"unknown projector init '{init}': use 'default' or 'identity'")
+        if init == "identity" and (kind != "linear" or d_hidden != d_embed):
+            raise ValueError(f"an identity init needs a square linear projector (got {kind}, {d_hidden} -> {d_embed})")
         if kind == "linear":
             self.net: nn.Module = nn.Linear(d_hidden, d_embed)
+            if init == "identity":
+                nn.init.eye_(self.net.weight)
+                nn.init.zeros_(self.net.bias)
         elif kind == "mlp":
             width = mlp_hidden or d_embed
             self.net = nn.Sequential(nn.Linear(d_hidden, width), nn.GELU(), nn.Linear(width, d_embed))

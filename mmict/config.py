@@ -70,6 +70,7 @@ EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent / "experiments"
 METHODS: tuple[str, ...] = ("aim", "finetune", "mmict")
 DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # mmict.modules.mmict.DEMO_DESIGNS
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
+PROJECTOR_INITS: tuple[str, ...] = ("default", "identity")
 # "auto": follows the effective precision (callbacks/precision.py): bfloat16 under bf16-*, else float32.
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
 STRATEGIES: tuple[str, ...] = ("auto", "ddp", "fsdp")
@@ -123,6 +124,11 @@ class ToyBackboneConfig:
     # AIM sits on reads images and does in-context binding; 0 keeps it random.
     pretrain_steps: int = 0  # all steps, the word-list warm-up included
     pretrain_text_steps: int = 0  # warm-up on word lists only (where copying, an induction head, is learnt)
+    pretrain_vision_steps: int = 0  # the vision tower's own stage first (reads colour, shape, position)
+    # Stage 2's grounding loss: the LM's hidden states (at `pretrain_grounding_layer`) at the text
+    # after an image predict that image's attributes, as labelled by the vision stage's heads. 0 = off.
+    pretrain_grounding_weight: float = 0.0
+    pretrain_grounding_layer: int = 2
     pretrain_batch_size: int = 16
     pretrain_lr: float = 1e-3
 
@@ -156,6 +162,9 @@ class AIMConfig:
     final_norm: bool = True  # apply the LM's final norm to a non-final layer's states
     projector: str = "linear"  # linear | mlp
     mlp_hidden: Optional[int] = None  # hidden width of the mlp projector (default: d)
+    # default: PyTorch's Linear init; identity (linear only): fused tokens start as the hidden states
+    # themselves, a fit start when `layer` is an early one whose states still look like input embeddings.
+    projector_init: str = "default"
 
 
 @dataclass
@@ -757,6 +766,11 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         raise _choice_error("method.name", cfg.method.name, METHODS, origin)
     if cfg.method.aim.projector not in PROJECTORS:
         raise _choice_error("method.aim.projector", cfg.method.aim.projector, PROJECTORS, origin)
+    if cfg.method.aim.projector_init not in PROJECTOR_INITS:
+        raise _choice_error("method.aim.projector_init", cfg.method.aim.projector_init, PROJECTOR_INITS, origin)
+    if cfg.method.aim.projector_init == "identity" and cfg.method.aim.projector != "linear":
+        raise ConfigError(f"config key {at('method.aim.projector_init')}=identity needs method.aim.projector=linear "
+                          f"(got {cfg.method.aim.projector})")
     if cfg.method.aim.mlp_hidden is not None and cfg.method.aim.mlp_hidden <= 0:
         raise ConfigError(
             f"config key {at('method.aim.mlp_hidden')} must be > 0, or null for the model width"

@@ -6,13 +6,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from mmict.config import load_config
 from mmict.modules import AIMModule
 from mmict.segments import Image, Text
-
-
-def tiny_cfg(backbone_dir, *overrides: str):
-    return load_config("toy_aim", [f"backbone.name_or_path={backbone_dir}", "backbone.toy=null", *overrides])
+from tests.conftest import tiny_aim_cfg
 
 
 def pixels(backbone, color):
@@ -35,7 +31,7 @@ def episode_batch(backbone):
 
 @pytest.fixture()
 def module(tiny_backbone_dir):
-    return AIMModule(tiny_cfg(tiny_backbone_dir))
+    return AIMModule(tiny_aim_cfg(tiny_backbone_dir))
 
 
 def test_reader_takes_text_positions_of_a_lone_demo(module):
@@ -69,7 +65,7 @@ def test_fused_tokens_replace_demo_in_prompt(module):
 
 
 def test_training_step_updates_projector_only(tiny_backbone_dir):
-    module = AIMModule(tiny_cfg(tiny_backbone_dir, "optim.warmup_steps=0"))  # lr > 0 at the first step
+    module = AIMModule(tiny_aim_cfg(tiny_backbone_dir, "optim.warmup_steps=0"))  # lr > 0 at the first step
     batch = episode_batch(module.backbone)
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     proj_before = {k: v.clone() for k, v in module.projector.state_dict().items()}
@@ -99,15 +95,25 @@ def test_checkpoint_holds_projector_not_backbone(module, tiny_backbone_dir, tmp_
     ckpt: dict = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all(k.startswith("projector.") for k in ckpt["state_dict"])
-    fresh = AIMModule(tiny_cfg(tiny_backbone_dir))
+    fresh = AIMModule(tiny_aim_cfg(tiny_backbone_dir))
     fresh.load_state_dict(ckpt["state_dict"])
     for k, v in module.projector.state_dict().items():
         assert torch.equal(fresh.projector.state_dict()[k], v)
-    mlp = AIMModule(tiny_cfg(tiny_backbone_dir, "method.aim.projector=mlp"))
+    mlp = AIMModule(tiny_aim_cfg(tiny_backbone_dir, "method.aim.projector=mlp"))
     with pytest.raises(KeyError, match="missing"):
         mlp.load_state_dict(ckpt["state_dict"])
 
 
 def test_reader_layer_out_of_range(tiny_backbone_dir):
     with pytest.raises(ValueError, match="method.aim.layer=7"):
-        AIMModule(tiny_cfg(tiny_backbone_dir, "method.aim.layer=7"))
+        AIMModule(tiny_aim_cfg(tiny_backbone_dir, "method.aim.layer=7"))
+
+
+def test_identity_projector_starts_as_the_hidden_states():
+    from mmict.aim import FusedTokenProjector
+
+    hidden = torch.randn(3, 8)
+    assert torch.equal(FusedTokenProjector(8, 8, init="identity")(hidden), hidden)
+    assert not torch.allclose(FusedTokenProjector(8, 8)(hidden), hidden)  # PyTorch's init by default
+    with pytest.raises(ValueError, match="square linear"):
+        FusedTokenProjector(8, 8, kind="mlp", init="identity")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_aim import episode_batch, tiny_cfg
+from test_aim import episode_batch
 from tiny_models import save_tiny
 
 from mmict.backbones import build_backbone, load_backbone
@@ -12,6 +12,7 @@ from mmict.config import ConfigError, list_experiments, load_config
 from mmict.modules import AIMModule, FinetuneModule
 from mmict.modules.base import check_checkpoint_backbone
 from mmict.segments import Image, Text
+from tests.conftest import tiny_aim_cfg
 
 
 def test_unknown_family_suggests_the_nearest():
@@ -61,10 +62,10 @@ def test_chat_template_wraps_the_query_and_leaves_the_target_last(tmp_path):
 
 def test_finetune_trains_lora_only_and_saves_only_lora(tiny_backbone_dir):
     with pytest.raises(ConfigError, match="backbone.lora.r"):
-        tiny_cfg(tiny_backbone_dir, "method.name=finetune", "eval.demo_modes=[none]")
+        tiny_aim_cfg(tiny_backbone_dir, "method.name=finetune", "eval.demo_modes=[none]")
     with pytest.raises(ConfigError, match="eval.demo_modes=\\[none\\]"):
-        tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "eval.demo_modes=[fused,images]")
-    cfg = tiny_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "optim.warmup_steps=0")
+        tiny_aim_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "eval.demo_modes=[fused,images]")
+    cfg = tiny_aim_cfg(tiny_backbone_dir, "method.name=finetune", "backbone.lora.r=4", "optim.warmup_steps=0")
     module = FinetuneModule(cfg)
     assert module.eval_demo_modes() == ["none"]  # eval.demo_modes null: the method's own
     batch = episode_batch(module.backbone)
@@ -88,7 +89,7 @@ def test_finetune_trains_lora_only_and_saves_only_lora(tiny_backbone_dir):
 
 
 def test_checkpoint_for_another_hidden_size_is_refused(tiny_backbone_dir, tmp_path):
-    module = AIMModule(tiny_cfg(tiny_backbone_dir))
+    module = AIMModule(tiny_aim_cfg(tiny_backbone_dir))
     ckpt: dict = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     check_checkpoint_backbone(ckpt, module.backbone)  # same backbone: fine

@@ -13,20 +13,17 @@ from PIL import Image as PILImage
 from data_modules.downstream import Example
 from mmict.backbones import ImageTransform
 from mmict.bank import DemoBank, backbone_fingerprint
-from mmict.config import ConfigError, load_config
+from mmict.config import ConfigError
 from mmict.eval.loop import evaluate
 from mmict.eval.runner import attach_bank
 from mmict.modules import AIMModule
 from mmict.segments import Image, Text
-
-
-def tiny_cfg(backbone_dir, *overrides: str):
-    return load_config("toy_aim", [f"backbone.name_or_path={backbone_dir}", "backbone.toy=null", *overrides])
+from tests.conftest import tiny_aim_cfg
 
 
 @pytest.fixture()
 def module(tiny_backbone_dir):
-    return AIMModule(tiny_cfg(tiny_backbone_dir)).eval()
+    return AIMModule(tiny_aim_cfg(tiny_backbone_dir)).eval()
 
 
 COLORS = [(220, 20, 20), (20, 200, 20), (20, 20, 220), (200, 200, 20)]
@@ -167,8 +164,8 @@ def test_an_index_written_for_another_key_is_not_used(module, tmp_path, caplog):
 
 
 def test_key_parts_keep_banks_apart(tiny_backbone_dir, tmp_path):
-    final = AIMModule(tiny_cfg(tiny_backbone_dir))
-    first_layer = AIMModule(tiny_cfg(tiny_backbone_dir, "method.aim.layer=1"), backbone=final.backbone)
+    final = AIMModule(tiny_aim_cfg(tiny_backbone_dir))
+    first_layer = AIMModule(tiny_aim_cfg(tiny_backbone_dir, "method.aim.layer=1"), backbone=final.backbone)
     hidden, other_layer = final.attach_bank(tmp_path), first_layer.attach_bank(tmp_path)
     assert hidden.path != other_layer.path
     fused = final.attach_bank(tmp_path, store="fused")
@@ -292,8 +289,8 @@ def test_generation_is_batched_left_padded_and_uses_the_kv_cache(module):
 
 def test_bank_config(tiny_backbone_dir, tmp_path):
     with pytest.raises(ConfigError, match="eval.bank.store"):
-        tiny_cfg(tiny_backbone_dir, "eval.bank.store=fusd")
-    cfg = tiny_cfg(tiny_backbone_dir, f"data.root={tmp_path}")
+        tiny_aim_cfg(tiny_backbone_dir, "eval.bank.store=fusd")
+    cfg = tiny_aim_cfg(tiny_backbone_dir, f"data.root={tmp_path}")
     module = AIMModule(cfg)
     bank = attach_bank(module, cfg)
     assert bank is module.bank and str(bank.path).startswith(str(tmp_path / "bank" / f"{cfg.eval.task}-train"))

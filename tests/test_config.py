@@ -64,7 +64,7 @@ def test_toy_aim_loads_with_expected_values() -> None:
     assert "base" not in cfg
     assert cfg.method.name == "aim"
     assert cfg.method.aim.projector == "linear"
-    assert cfg.method.aim.layer == -1
+    assert cfg.method.aim.layer == 1 and cfg.method.aim.projector_init == "identity"
     assert cfg.backbone.family == "llava"
     assert cfg.backbone.toy is not None and cfg.backbone.toy.text_hidden_size == 96
     assert cfg.data.root == "data/toy"
@@ -420,3 +420,13 @@ def test_save_config_round_trips(tmp_path: Path) -> None:
 def test_to_yaml_resolves_interpolations(exp_dir: Path) -> None:
     cfg = load_config("child", ["name=${backbone.family}_run"], experiments_dir=exp_dir)
     assert "name: llava_run" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize(("aim_yaml", "pattern"), [
+    ("projector: mlp\n    projector_init: identity\n", r"projector_init.*=identity needs method.aim.projector=linear"),
+    ("projector_init: eye\n", r"'method.aim.projector_init' = 'eye'"),
+])
+def test_projector_init_is_checked(tmp_path: Path, aim_yaml: str, pattern: str) -> None:
+    write(tmp_path / "exp.yaml", "method:\n  aim:\n    " + aim_yaml)
+    with pytest.raises(ConfigError, match=pattern):
+        load_config("exp", experiments_dir=tmp_path)

@@ -91,3 +91,47 @@ def test_pretraining_stream_warms_up_on_word_lists_then_follows_the_mix():
     last_colour, last_word = text.split()[-5], text.split()[-1]
     pairs = {(w[i], w[i + 4]) for w in [text.split()] for i in range(0, len(w) - 5, 5)}
     assert (last_colour, last_word) in pairs  # the query's colour was shown with the same word
+
+
+@pytest.mark.slow
+def test_vision_stage_teaches_every_patch_token_the_image_and_is_frozen_after(tmp_path):
+    from mmict.backbones.llava import LlavaBackbone
+    from mmict.backbones.pretrain_toy import pretrain_vision_tower
+    from mmict.backbones.toy import build_toy_llava, toy_language
+
+    cfg = SimpleNamespace(**TINY_TOY, pretrain_vision_steps=150, pretrain_steps=10, pretrain_text_steps=0,
+                          pretrain_batch_size=4, pretrain_lr=1e-3)
+    model, tok, proc = build_toy_llava(cfg, *toy_language())
+    random_tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    accuracy, _ = pretrain_vision_tower(LlavaBackbone(model, tok, proc, "stage1"), cfg, progress=False)
+    assert accuracy["color"] >= 0.9 and accuracy["shape"] >= 0.3, accuracy  # chance: 1/6
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    stage1 = model.model.vision_tower.state_dict()
+    assert any(not torch.equal(stage1[k], v) for k, v in random_tower.items())
+    # The whole recipe: stage 2 (language model) leaves the tower exactly as stage 1 made it.
+    full = load_backbone("llava", str(ensure_toy_backbone(tmp_path / "bb", cfg)))
+    for name, weight in full.model.model.vision_tower.state_dict().items():
+        assert torch.equal(weight, stage1[name]), f"vision tower weight {name} changed in the language-model stage"
+
+
+def test_grounding_positions_are_the_text_after_each_image_labelled_with_that_image():
+    from mmict.backbones.pretrain_toy import text_after_images
+    from mmict.segments import Image, Text
+
+    px = torch.zeros(3, 4, 4)
+    batch = [[Text("intro"), Image(px), Text("a b"), Image(px), Text("c")],  # images 0 and 1
+             [Image(px), Text("d e f")]]  # image 2: the index runs over the batch, as vision_features sees it
+    spans = [[(1, 2), (2, 18), (18, 20), (20, 36), (36, 37)], [(1, 17), (17, 20)]]
+    rows, cols, owner = text_after_images(batch, spans)
+    assert list(zip(rows, cols, owner)) == [(0, 18, 0), (0, 19, 0), (0, 36, 1),
+                                            (1, 17, 2), (1, 18, 2), (1, 19, 2)]
+
+
+def test_grounding_loss_without_vision_heads_is_a_clear_error():
+    from mmict.backbones.llava import LlavaBackbone
+    from mmict.backbones.pretrain_toy import ToyPretrainModule
+    from mmict.backbones.toy import build_toy_llava, toy_language
+
+    model, tok, proc = build_toy_llava(SimpleNamespace(**TINY_TOY), *toy_language())
+    with pytest.raises(ValueError, match="pretrain_vision_steps"):
+        ToyPretrainModule(LlavaBackbone(model, tok, proc, "x"), 1e-3, 10, grounding_weight=1.0)

@@ -1,7 +1,8 @@
 """The toy world does real in-context learning (issue 3's checks), on a toy backbone pretrained briefly.
 
-1. A toy backbone pretrained for a short time does vanilla multimodal ICL on *held-out* words (the eval
-   pool, never seen in pretraining): with demos it names the query, zero-shot it cannot.
+1. A toy backbone pretrained for a short time binds in context on *held-out* words (the eval
+   pool, never seen in pretraining): with image+text demos it names the query well above the 50% of
+   copying a demo word at random; zero-shot it cannot, and with text-only demos it stays near chance.
 2. AIM's projector, trained on that frozen backbone with the web corpus (tuning pool words), beats
    text-only demos on the downstream binding task (eval pool words).
 """
@@ -24,11 +25,12 @@ from mmict.train import train
 
 pytestmark = pytest.mark.slow
 
-# The default toy architecture, pretrained for a third of its steps: the word-list warm-up (where copying
-# forms) and a short multimodal phase. Smaller models (d=64, 3 layers) did not learn to copy in 700 steps.
+# The default toy architecture and recipe (vision stage, grounding at layer 1), pretrained for fewer steps.
 SHORT_TOY = dict(image_size=32, patch_size=8, vision_hidden_size=64, vision_layers=2, text_hidden_size=96,
                  text_layers=4, num_heads=4, intermediate_size=256, max_position_embeddings=1024, seed=0,
-                 pretrain_steps=1700, pretrain_text_steps=1500, pretrain_batch_size=16, pretrain_lr=2e-3)
+                 pretrain_steps=2000, pretrain_text_steps=600, pretrain_vision_steps=300,
+                 pretrain_grounding_weight=1.0, pretrain_grounding_layer=1, pretrain_batch_size=16,
+                 pretrain_lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +40,15 @@ def pretrained(tmp_path_factory):
     return path
 
 
-def test_vanilla_icl_on_held_out_words_beats_zero_shot(pretrained):
+def test_vanilla_icl_on_held_out_words_binds_and_text_only_demos_cannot(pretrained):
     backbone = load_backbone("llava", str(pretrained))
-    probe = probe_binding(backbone, shots=(0, 1, 2), modes=("images",), episodes=100, seed=7)
-    zero = probe["none"][0]
-    assert zero <= 0.02  # held-out words cannot be named without demos
-    assert max(probe["images"].values()) >= zero + 0.25, probe
+    probe = probe_binding(backbone, shots=(0, 2, 4), modes=("images", "text"), episodes=100, seed=7)
+    assert probe["none"][0] <= 0.02, probe  # held-out words cannot be named without demos
+    # 2-way episodes: copying a demo word at random scores 0.5; binding needs the demo images.
+    assert min(probe["images"][2], probe["images"][4]) >= 0.75, probe
+    assert max(probe["text"].values()) <= 0.65, probe
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall (issue 3 note): after 150 projector steps on this briefly pretrained backbone, AIM's "
-    "fused demos are not copied (0% at 2 shots, text-only 1%); strict, so a fix that makes it pass is noticed"))
 def test_aim_projector_beats_text_only_demos(pretrained, tmp_path):
     cfg = load_config("toy_aim", [
         f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'toy'}",
@@ -70,4 +70,5 @@ def test_aim_projector_beats_text_only_demos(pretrained, tmp_path):
     results = evaluate(module, dm.queries, dm.pool, shots=[2], seeds=[0], demo_modes=["fused", "text"],
                        task="toy_binding", max_new_tokens=3, progress=False)
     acc = {r.method: r.accuracy for r in results}
-    assert acc["fused"] >= acc["text"] + 0.1, acc
+    # Text-only demos carry no image, so at best they pick a demo word at random (0.5).
+    assert acc["fused"] >= max(acc["text"], 0.5) + 0.2, acc

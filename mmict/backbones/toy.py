@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "mmict_toy_backbone.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-RECIPE_VERSION = 2  # 2: syllable word pieces, text warm-up, frozen vision tower
+RECIPE_VERSION = 4  # 2: syllable word pieces, text warm-up, frozen vision tower; 3: vision stage; 4: grounding
 
 
 def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
@@ -82,7 +82,8 @@ def build_toy_llava(cfg: Any, vocabulary: list[str], pieces: list[str] = ()) -> 
 
 ARCH_FIELDS = ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
                "text_layers", "num_heads", "intermediate_size", "max_position_embeddings", "seed")
-PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_text_steps", "pretrain_batch_size", "pretrain_lr")
+PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_text_steps", "pretrain_vision_steps", "pretrain_grounding_weight",
+                   "pretrain_grounding_layer", "pretrain_batch_size", "pretrain_lr")
 
 
 def toy_language() -> tuple[list[str], list[str]]:
@@ -98,7 +99,7 @@ def toy_recipe(cfg: Any) -> dict:
     from data_modules.toy_binding import DEFAULT_ATTRIBUTES, word_pools
 
     keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
-    fields = {k: getattr(cfg, k) for k in keys}
+    fields = {k: getattr(cfg, k, 0) for k in keys}
     words, pieces = toy_language()
     pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
     blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,

@@ -30,7 +30,8 @@ class AIMModule(FrozenBackboneModule):
         aim = self.cfg.method.aim
         self.reader = DemoReader(self.backbone, layer=aim.layer, final_norm=aim.final_norm)
         d = self.backbone.hidden_size
-        self.projector = FusedTokenProjector(d, d, kind=aim.projector, mlp_hidden=aim.mlp_hidden)
+        self.projector = FusedTokenProjector(d, d, kind=aim.projector, mlp_hidden=aim.mlp_hidden,
+                                             init=aim.projector_init)
         self._demo_keys: tuple[Sequence[str] | None, Sequence | None] = (None, None)  # (ids, sources) of a batch
 
     # ---- the method ---------------------------------------------------------------------------
