@@ -336,6 +336,9 @@ class EvalConfig:
     # vanilla ICT), none; null: the method's own (AIM: fused, images, text; MMICT: its demo_design).
     demo_modes: Optional[list[str]] = None
     bank: BankConfig = field(default_factory=BankConfig)
+    # Experiments trained and evaluated after this run, on its backbone, data root and evaluation settings;
+    # their rows join this run's table (mmict/companions.py). toy_aim adds MMICT this way.
+    companions: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -61,18 +61,24 @@ def plot_losses(metrics_csv: str | Path, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
+MARKERS = ("o", "s", "^", "D", "v")
+DASHES = ("-", "--", ":", "-.")
+
+
 def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str = "accuracy",
                         chance: float | None = None, title: str | None = None) -> Path:
     """One line per method, each starting from the zero-shot point; mean +- std over seeds; chance dashed."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     zero = [r for r in rows if r["shots"] == 0]
     methods = sorted({r["method"] for r in rows if r["shots"] > 0})
-    for method in methods:
+    for i, method in enumerate(methods):
         pts = sorted((r["shots"], 100 * r["accuracy_mean"], 100 * r["accuracy_std"]) for r in rows
                      if r["method"] == method)
         pts = [(0, 100 * zero[0]["accuracy_mean"], 100 * zero[0]["accuracy_std"])] + pts if zero else pts
         xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        # Its own marker and dash per method, so methods with equal scores stay visible on top of each other.
+        ax.errorbar(xs, ys, yerr=es, marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)],
+                    markersize=7 - i % 3, capsize=3, label=method)
     if zero and not methods:  # only zero-shot was evaluated: one point
         ax.errorbar([0], [100 * zero[0]["accuracy_mean"]], yerr=[100 * zero[0]["accuracy_std"]], marker="o",
                     capsize=3, label=zero[0]["method"])

@@ -28,6 +28,7 @@ from data_modules.shots import ShotPolicy
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
+from mmict.companions import companion_configs, run_companions
 from mmict.config import ConfigError, load_config, save_config
 from mmict.eval.runner import run_eval, versions
 from mmict.modules import METHODS
@@ -195,6 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_data(cfg)
     # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
     find_shards_or_fail(cfg)
+    companions = companion_configs(cfg)  # bad names fail here, not after training
     module = METHODS[cfg.method.name](cfg)
     pinned = default_run_dir(cfg)
     resume = find_resume(cfg, pinned)
@@ -250,9 +252,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     run_dir / "checkpoints" / "last.ckpt")
     elif cfg.eval.enabled:
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
-                                wandb_run=wandb_run)
-        summary["eval"], summary["eval_report"] = rows, report
+        outcome = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
+                           wandb_run=wandb_run)
+        if companions:
+            outcome, summary["companions"] = run_companions(cfg, companions, outcome, run_dir / "eval", train)
+        summary["eval"], summary["eval_report"] = outcome.rows, outcome.report
     # The mark of a finished run: `resume=auto` never continues it.
     (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
@@ -271,9 +275,12 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"curve: {run_dir / 'loss.png'}")
     for message in summary.get("precision") or []:
         print(f"NOTE precision: {message}")
+    if summary.get("companions"):
+        print("\n" + "\n".join(f"companion {name}: {path}" for name, path in summary["companions"].items()))
     if summary.get("eval"):
-        print(f"\n{summary['eval_report']}\n\nreport: {run_dir / 'eval'}/results.{{json,md}}, "
-              "score_vs_shots.png")
+        files = "methods.{json,md}, methods_vs_shots.png" if summary.get("companions") else \
+            "results.{json,md}, score_vs_shots.png"
+        print(f"\n{summary['eval_report']}\n\nreport: {run_dir / 'eval'}/{files}")
     print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'logs' / 'metrics.csv'} (+ wandb/ when enabled)")
 
 

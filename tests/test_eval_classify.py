@@ -181,7 +181,7 @@ def test_hateful_memes_eval_end_to_end(tmp_path, tiny_backbone, tiny_backbone_di
         "eval.demo_modes=[images,text]", "logger.wandb=false",
     ])
     module = FrozenBackboneModule(cfg, backbone=tiny_backbone)
-    rows, report = run_eval(module, cfg, tmp_path / "eval")
+    rows, report, *_ = run_eval(module, cfg, tmp_path / "eval")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["metric"] == "roc_auc" and results["kind"] == "classify"
     assert results["decoding"] == {"classes": ["yes", "no"]} and "roc_auc (x100)" in report

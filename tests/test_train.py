@@ -28,8 +28,14 @@ def finished_run(tmp_path_factory, tiny_backbone_dir):
         "data.val_episodes=8", "trainer.max_steps=12", "trainer.val_check_interval=6",
         "trainer.checkpoint_every_n_steps=6", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
         "optim.warmup_steps=0", "optim.lr=3e-3", "eval.num_queries=8", "eval.shots=[0,2]", "eval.seeds=[0,1]",
+        f"eval.companions=[{COMPANION!r}]",
     ])
     return cfg, train(cfg)
+
+
+# toy_aim's MMICT companion, briefly (its own recipe otherwise; backbone, data and eval come from the run).
+COMPANION = ("toy_mmict_binding trainer.max_steps=3 trainer.val_check_interval=3 trainer.checkpoint_every_n_steps=3 "
+             "trainer.progress_bar=false data.batch_size=4 data.num_workers=0 data.epoch_size=40 data.val_episodes=8")
 
 
 def test_run_folder_has_everything(finished_run):
@@ -53,6 +59,22 @@ def test_run_folder_has_everything(finished_run):
     assert len(trial["predictions"]) == 8 and {"id", "answer", "generation"} <= set(trial["predictions"][0])
     saved = OmegaConf.to_container(load_config(run / "config.yaml"), resolve=True)
     assert saved == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_companion_trains_on_the_same_backbone_and_joins_the_table(finished_run):
+    cfg, summary = finished_run
+    companion = Path(summary["companions"]["toy_mmict_binding"])
+    assert companion.parent.name == "toy_mmict_binding" and (companion / "checkpoints/last.ckpt").exists()
+    own = load_config(companion / "config.yaml")
+    assert own.backbone.name_or_path == cfg.backbone.name_or_path and own.data.root == cfg.data.root
+    assert (own.trainer.max_steps, list(own.eval.seeds), own.eval.num_queries) == (3, [0, 1], 8)
+    joint = json.loads((Path(summary["run_dir"]) / "eval/methods.json").read_text())
+    methods = {(r["method"], r["shots"]) for r in joint["summary"]}
+    assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
+                       ("text-only demos", 2), ("MMICT (M-Hub text features)", 2),
+                       ("zero-shot [toy_mmict_binding]", 0)}  # MMICT's own zero-shot: M-Hub query features
+    assert (Path(summary["run_dir"]) / "eval/methods_vs_shots.png").exists()
+    assert "MMICT (M-Hub text features)" in summary["eval_report"]
 
 
 def test_checkpoint_is_trainable_weights_and_config(finished_run):

@@ -30,7 +30,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     check_checkpoint_backbone(state, module.backbone)
     module.load_state_dict(state["state_dict"])
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    rows, report = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
+    rows, report, *_ = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
     print(report)
     return rows
 
@@ -53,7 +53,7 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
     module = METHODS[cfg.method.name](cfg)  # loads the backbone first: missing weights fail before any folder
     run_dir = make_run_dir(cfg.run_root, cfg.name)
     save_config(cfg, run_dir / "config.yaml")
-    rows, report = run_eval(module, cfg, run_dir / "eval")
+    rows, report, *_ = run_eval(module, cfg, run_dir / "eval")
     print(f"{report}\n\nreport: {run_dir / 'eval'}")
     return rows
 

@@ -8,7 +8,7 @@ import logging
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,13 @@ from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
 from mmict.runs import unique_path, write_text_unique
 
 log = logging.getLogger(__name__)
+
+
+class EvalOutcome(NamedTuple):
+    rows: list[dict]  # summary rows: mean and std over seeds per (method, shots)
+    report: str  # the table (and AIM vs vanilla ICL) as markdown
+    chance: float | None  # the rate of answering with a random demo's answer (episodic tasks)
+    metric: str
 
 
 def versions() -> dict[str, str]:
@@ -67,11 +74,11 @@ def attach_bank(module, cfg: DictConfig):
 
 
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
-             wandb_run: Any = None) -> tuple[list[dict], str]:
+             wandb_run: Any = None) -> EvalOutcome:
     """Shots x seeds x demo modes on `cfg.eval.task`; writes results.json, results.md, score_vs_shots.png and
     cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given.
 
-    Returns (summary rows, the report as markdown)."""
+    Returns the summary rows and the report (markdown), with the chance rate and metric they are read against."""
     ev = cfg.eval
     task = get_task(ev.task)
     if ev.postprocess:
@@ -89,9 +96,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = markdown_table(rows, chance, metric=task.metric)
-    if comparison:
-        report += "\n\n" + aim_vs_icl_markdown(comparison)
+    report = report_markdown(rows, chance, task.metric)
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint, "summary": rows,
         "shots": list(ev.shots), "seeds": list(ev.seeds), "num_queries": len(dm.queries),
@@ -116,4 +121,11 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     log.info("wrote %s, %s, %s, %s", json_path, md_path, png_path, cost_path)
     if wandb_run is not None:
         log_to_wandb(wandb_run, rows, {"score_vs_shots": png_path, "cost_vs_shots": cost_path})
-    return rows, report
+    return EvalOutcome(rows, report, chance, task.metric)
+
+
+def report_markdown(rows: list[dict], chance: float | None, metric: str) -> str:
+    """The methods table, and AIM's share of vanilla ICL's gain when both were evaluated."""
+    report = markdown_table(rows, chance, metric=metric)
+    comparison = aim_vs_icl(rows)
+    return report + ("\n\n" + aim_vs_icl_markdown(comparison) if comparison else "")
