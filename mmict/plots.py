@@ -78,7 +78,7 @@ def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str =
         xs, ys, es = zip(*pts)
         # Its own marker and dash per method, so methods with equal scores stay visible on top of each other.
         ax.errorbar(xs, ys, yerr=es, marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)],
-                    markersize=7 - i % 3, capsize=3, label=method)
+                    markersize=max(9 - 1.5 * i, 3), capsize=3, label=method)
     if zero and not methods:  # only zero-shot was evaluated: one point
         ax.errorbar([0], [100 * zero[0]["accuracy_mean"]], yerr=[100 * zero[0]["accuracy_std"]], marker="o",
                     capsize=3, label=zero[0]["method"])
