@@ -185,3 +185,18 @@ def test_sharded_trainable_only_checkpoint_consolidates_and_loads(tmp_path, tiny
     fresh = AIMModule(cfg, backbone=module.backbone)
     fresh.load_state_dict(full["state_dict"])  # strict: every trainable key, no frozen one
     assert torch.equal(fresh.projector.net.weight, module.projector.net.weight)
+
+
+def test_norm_clipping_under_fsdp_goes_through_the_fsdp_root(tiny_backbone_dir):
+    """Lightning's FSDP precision plugin raises on `gradient_clip_val` with the norm algorithm (seen on an H200
+    in bench/gpu_checks.py); the module clips through the FSDP root instead, which reduces over shards."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    calls = []
+    module = AIMModule(config_from_dict({"method": {"name": "aim"}, "backbone": {
+        "family": "llava", "name_or_path": str(tiny_backbone_dir), "toy": None}}))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), model=SimpleNamespace(clip_grad_norm_=calls.append))
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert calls == [1.0]

@@ -93,6 +93,18 @@ class FrozenBackboneModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val/context_tokens", ctx.mean(), batch_size=bs, sync_dist=True)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Norm clipping under FSDP goes through the FSDP root module, which reduces the norm over the shards:
+        Lightning's FSDP precision plugin refuses `trainer.gradient_clip_val` otherwise (seen on an H200)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and \
+                isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         opt = self.cfg.optim
         return adamw_warmup_cosine(
