@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmict.backbones.base import Backbone
+from mmict.config import PROJECTOR_INITS
 from mmict.segments import Image, Pixels, Text
 
 
@@ -23,8 +24,8 @@ class FusedTokenProjector(nn.Module):
     def __init__(self, d_hidden: int, d_embed: int, kind: str = "linear", mlp_hidden: int | None = None,
                  init: str = "default") -> None:
         super().__init__()
-        if init not in ("default", "identity"):
-            raise ValueError(f"unknown projector init '{init}': use 'default' or 'identity'")
+        if init not in PROJECTOR_INITS:
+            raise ValueError(f"unknown projector init '{init}': use one of {', '.join(PROJECTOR_INITS)}")
         if init == "identity" and (kind != "linear" or d_hidden != d_embed):
             raise ValueError(f"an identity init needs a square linear projector (got {kind}, {d_hidden} -> {d_embed})")
         if kind == "linear":

@@ -137,17 +137,18 @@ class ToyPretrainModule(L.LightningModule):
     def transfer_batch_to_device(self, batch: list, device: torch.device, dataloader_idx: int) -> list:
         return batch  # prompts of (frozen) segments; `assemble` moves their tensors to the model's device
 
-    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list, batch_idx: int) -> dict[str, torch.Tensor]:
+        """{"loss": what is optimised, "lm_loss": the next-token part alone (the backbone's report)}."""
         inputs = self.backbone.assemble(batch)
         out = self.backbone(inputs, with_loss=True, output_hidden_states=bool(self.grounding_weight))
-        loss = out.loss
-        self.log("pretrain/lm_loss", loss, prog_bar=True, batch_size=len(batch))
+        loss = lm_loss = out.loss
+        self.log("pretrain/lm_loss", lm_loss, prog_bar=True, batch_size=len(batch))
         if self.grounding_weight:
             grounding = self.grounding_loss(batch, inputs, out.hidden_states[self.grounding_layer])
             if grounding is not None:
                 self.log("pretrain/grounding_loss", grounding, prog_bar=True, batch_size=len(batch))
-                loss = loss + self.grounding_weight * grounding
-        return loss
+                loss = lm_loss + self.grounding_weight * grounding
+        return {"loss": loss, "lm_loss": lm_loss.detach()}
 
     def grounding_loss(self, batch: list, inputs: Any, hidden: torch.Tensor) -> torch.Tensor | None:
         """Cross-entropy of the grounding heads at text positions after an image (None: no such position)."""
@@ -256,7 +257,7 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, m
 
     class _Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
+            losses.append(float(outputs["lm_loss"]))  # the report's curve: next-token loss, grounding aside
 
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=cfg.pretrain_steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=progress,
