@@ -14,13 +14,19 @@ GRID ?=
 DRY_RUN ?=
 BENCH ?=
 BENCH_ARGS ?=
-# torch and torchvision must come from the registry together (a mismatched pair fails to load
-# torchvision's operators). Override for another CUDA build, e.g. TORCH_SPEC="torch==2.15.0 torchvision==0.29.2".
-TORCH_SPEC ?= torch==2.15.0 torchvision==0.29.2
+# Installs are locked: requirements/lock.txt pins every package (torch and its CUDA wheels included) to the
+# versions the suite was last green with, as pip constraints. `make upgrade-lock` moves the lock forward
+# deliberately. LOCK= (empty) installs the newest versions pyproject.toml allows instead; with it, TORCH_SPEC
+# picks another torch build, e.g. make install LOCK= TORCH_SPEC="torch==2.15.0 torchvision==0.29.2".
+LOCK ?= requirements/lock.txt
+TORCH_SPEC ?=
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check $(if $(LOCK),-c $(LOCK))
 PIP_QUIET := 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
+LOCK_DRIFT := WARNING: $(VENV) differs from $(LOCK) (above), e.g. packages installed by hand; \
+	rm -rf $(VENV) && make install gives exactly the locked set
 
-.PHONY: install train eval sweep compare bench test lint clean-runs help
+.PHONY: install train eval sweep compare bench test lint upgrade-lock help
 
 help:
 	@echo "make train [EXP=toy_aim] [ARGS='key=value ...']   train + evaluate an experiment"
@@ -32,13 +38,16 @@ help:
 	@echo "make bench [BENCH=latency,floor] [BENCH_ARGS=--quick]  AIM vs vanilla ICL efficiency -> bench/results.json"
 	@echo "make test                                          run the test suite"
 	@echo "make lint                                          ruff"
+	@echo "make upgrade-lock                                  newest versions: lint + tests, rewrite the lock if green"
 
-$(STAMP): pyproject.toml Makefile
+# pip, setuptools and wheel first (from the lock), then the project without build isolation, so that the
+# build backend too is the locked setuptools rather than whatever PyPI serves that day.
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@echo "installing into $(VENV) (first time: a few minutes)"
-	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
-	$(PY) -m pip install -q $(TORCH_SPEC) $(PIP_QUIET)
-	$(PY) -m pip install -q -e ".[dev]" $(TORCH_SPEC) $(PIP_QUIET)
+	@echo "installing into $(VENV) $(if $(LOCK),with the versions in $(LOCK),unlocked: newest versions) (first time: a few minutes)"
+	$(PIP_INSTALL) --upgrade pip setuptools wheel $(PIP_QUIET)
+	$(PIP_INSTALL) --no-build-isolation -e ".[dev]" $(TORCH_SPEC) $(PIP_QUIET)
+	@$(if $(LOCK),$(PY) -m mmict.dependency_lock check --lock $(LOCK) --quiet || echo "$(LOCK_DRIFT)",true)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -62,7 +71,12 @@ bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m bench $(if $(BENCH),--only $(BENCH)) $(BENCH_ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+	WANDB_MODE=disabled $(if $(LOCK),,MMICT_UNLOCKED=1) $(PY) -m pytest -q $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Re-resolve every dependency to its newest release in a scratch venv, run lint and the suite there, and rewrite
+# the lock only if both pass; prints what changed either way (requirements/upgrade-lock.sh).
+upgrade-lock:
+	bash requirements/upgrade-lock.sh $(LOCK)

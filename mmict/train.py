@@ -89,10 +89,13 @@ def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run id, so a requeued job resumes its W&B run instead of starting another."""
     runtime_path = run_dir / "runtime.json"
     runtime = json.loads(runtime_path.read_text()) if runtime_path.is_file() else {}
+    run_versions = runtime.get("versions") or versions()
     meta = {
         "method": cfg.method.name, "backbone": cfg.backbone.name_or_path, "backbone_family": cfg.backbone.family,
         "train_shots": train_shots(cfg), "eval_shots": list(cfg.eval.shots), "eval_task": cfg.eval.task,
-        "git_commit": (runtime.get("versions") or versions()).get("mmict_commit"),
+        "git_commit": run_versions.get("mmict_commit"),
+        # the library versions and the dependency lock's sha256 (and whether the environment matched it)
+        "versions": run_versions,
         "precision": (runtime.get("precision") or {}).get("precision", cfg.trainer.precision),
         "precision_requested": (runtime.get("precision") or {}).get("requested_precision", cfg.trainer.precision),
         "slurm_job": runtime.get("slurm_job"), "run_dir": str(run_dir),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image as PILImage
+from tiny_models.numerics import assert_fp32_close
 
 from mmict.modules import AIMModule
 from mmict.segments import Image, Text
@@ -45,9 +46,10 @@ def test_reader_takes_text_positions_of_a_lone_demo(module):
     alone = bb.assemble([[Image(img), Text(text)]])
     ref = bb(alone, output_hidden_states=True).hidden_states[-1][0, -n_text:]
     torch.testing.assert_close(hidden, ref)
-    # reading in a batch with a longer demo (padding) changes nothing: demos never see each other
+    # reading in a batch with a longer demo (padding) changes nothing but fp32 reordering noise (other matmul
+    # shapes: tiny_models/numerics.py): demos never see each other
     batched = module.reader.read(torch.stack([img, img]), [text, text + " Question: what shape is it ?"])[0]
-    torch.testing.assert_close(batched, hidden, atol=1e-5, rtol=1e-5)
+    assert_fp32_close(batched, hidden)
 
 
 def test_fused_tokens_replace_demo_in_prompt(module):

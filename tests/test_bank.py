@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from PIL import Image as PILImage
+from tiny_models.numerics import assert_fp32_close
 
 from data_modules.downstream import Example
 from mmict.backbones import ImageTransform
@@ -56,7 +57,9 @@ def shard_files(bank: DemoBank):
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        # the bank reads demos in batches of other make-up (other padding, other matmul shapes) than the
+        # reference reading: equal up to fp32 reordering noise (tiny_models/numerics.py)
+        assert_fp32_close(x, y)
 
 
 def test_bank_gives_the_fused_tokens_of_reading_and_reads_each_demo_once(module, tmp_path, monkeypatch):
@@ -73,7 +76,7 @@ def test_bank_gives_the_fused_tokens_of_reading_and_reads_each_demo_once(module,
                  "query_images": [images[2]], "query_prompts": ["a"], "query_targets": ["b"]}
         prompts = module.batch_prompts(batch, demo_mode="fused", with_target=False)
     assert sum(reads) == 3 and bank.stats["computed"] == 3 and bank.stats["hits"] >= 5
-    torch.testing.assert_close(prompts[0][0].embeds, expected[0], atol=1e-5, rtol=1e-5)
+    assert_fp32_close(prompts[0][0].embeds, expected[0])
     assert len(bank) == 3 and len(shard_files(bank)) == 1
 
 

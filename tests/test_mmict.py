@@ -11,6 +11,7 @@ import webdataset as wds
 from PIL import Image as PILImage
 from tiny_models import blip2 as tiny
 from tiny_models.common import test_image as make_image
+from tiny_models.numerics import assert_fp32_close
 
 from data_modules import drain_skips, write_toy_world
 from data_modules.task_episodes import TaskEpisodeDataModule
@@ -95,8 +96,9 @@ def test_hub_feature_shapes_and_padding_masked(blip2_dirs):
     assert query.shape == (2, tiny.NUM_QUERY_TOKENS, bb.hidden_size)
     lengths = [len(ids) for ids in module.hub_tokenizer(texts)["input_ids"]]
     assert [t.shape for t in text] == [(n, bb.hidden_size) for n in lengths] and lengths[0] < lengths[1]
-    # The short text padded next to a long one gives exactly its features alone: padding is masked and dropped.
-    torch.testing.assert_close(text[0], alone, atol=1e-5, rtol=1e-5)
+    # The short text padded next to a long one gives its features alone: padding is masked and dropped (equal up
+    # to the fp32 noise of other matmul shapes: tiny_models/numerics.py).
+    assert_fp32_close(text[0], alone)
 
 
 def test_eoc_is_one_real_token(blip2_dirs):

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmict.config import load_config
+from mmict.dependency_lock import lock_path, sha256
 from mmict.eval.__main__ import evaluate_checkpoint
 from mmict.train import train
 
@@ -54,6 +55,9 @@ def test_run_folder_has_everything(finished_run):
     assert results["metric"] == "exact_match" and results["selection"] == "random (in-episode)"  # toy_binding
     assert results["shots"] == [0, 2] and results["seeds"] == [0, 1] and results["decoding"]["num_beams"] == 1
     assert {"torch", "transformers", "lightning", "mmict_commit"} <= set(results["versions"])
+    # the dependency lock the numbers came from, in results.json and runtime.json alike
+    runtime = json.loads((run / "runtime.json").read_text())
+    assert results["versions"]["lock"]["sha256"] == runtime["versions"]["lock"]["sha256"] == sha256(lock_path())
     assert all(r["peak_memory_mb"] is None for r in results["summary"])  # CPU: not measured, not faked
     trial = results["trials"][0]  # every answer is kept, so a score can be checked by hand
     assert len(trial["predictions"]) == 8 and {"id", "answer", "generation"} <= set(trial["predictions"][0])

@@ -17,8 +17,8 @@ tokenized text:
   positions; a target segment gets an empty span at the end of its encoder row) and `labels` holds the
   decoder labels `(B, T)`, right padded with IGNORE_INDEX. `hidden_states` returns the encoder's states, so
   AIM reads demo text positions from the encoder; `num_layers` counts encoder layers accordingly (Flan-T5
-  has as many encoder as decoder layers). The loss is the mean cross-entropy over target tokens, as for
-  decoder-only families.
+  has as many encoder as decoder layers; a deeper decoder generates through `t5_lazy_cache_kwarg`). The
+  loss is the mean cross-entropy over target tokens, as for decoder-only families.
 
 Several images per prompt are allowed (MMICT's vanilla ICT concatenates every demo's Q-Former features)
 although BLIP-2 was pretrained with one image per text; this is logged once.
@@ -70,6 +70,12 @@ class Blip2Backbone(Backbone):
     def num_layers(self) -> int:
         # T5Config maps num_hidden_layers -> num_layers, the *encoder* depth: the stack `hidden_states` reads.
         return self.config.text_config.num_hidden_layers
+
+    @property
+    def t5_decoder_deeper_than_encoder(self) -> bool:
+        """A T5 LM whose decoder has more layers than its encoder (no Flan-T5 release; a custom or toy one)."""
+        text = self.config.text_config
+        return self.is_encoder_decoder and (text.num_decoder_layers or text.num_layers) > text.num_layers
 
     @property
     def image_tokens_per_image(self) -> int:
@@ -205,6 +211,8 @@ class Blip2Backbone(Backbone):
         inputs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask}
         if not self.is_encoder_decoder:
             inputs["position_ids"] = batch.position_ids  # generate extends them by one per new token
+        if self.is_encoder_decoder and self.t5_decoder_deeper_than_encoder:
+            generate_kwargs.update(t5_lazy_cache_kwarg())
         # Blip2ForConditionalGeneration.generate wants pixel_values; it too hands inputs_embeds to the LM's generate.
         return self.language_model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=generate_kwargs.pop("do_sample", False),
@@ -216,4 +224,39 @@ class Blip2Backbone(Backbone):
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-__all__ = ["Blip2Backbone", "OPT_LORA_TARGETS", "T5_LORA_TARGETS"]
+def t5_lazy_cache_kwarg() -> dict[str, Any]:
+    """`generate` kwargs with a key/value cache that grows one layer at a time.
+
+    transformers 5.25 (seen in testing; the lock pins it) builds `generate`'s cache with as many layers as
+    `T5Config.num_hidden_layers`, which T5 maps to `num_layers`, the *encoder* depth. A decoder with more
+    layers than that then fails in `cache_utils` (`IndexError: list index out of range` at the first extra
+    layer). An `EncoderDecoderCache` of two empty `DynamicCache`s appends a layer per layer it sees, so any
+    depth works, with the same outputs (tests/test_backbone_blip2.py checks them against `use_cache=False`).
+    transformers renamed `generate`'s `past_key_values` to `cache` in 5.24 (the old name warns until 6.0).
+    """
+    import transformers
+    from packaging.version import Version
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    name = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+
+def load_processor(name_or_path: str) -> Any:
+    """The checkpoint's `Blip2Processor`, usable whatever type its tokenizer gives `image_token`.
+
+    transformers 5.25's `Blip2Processor.__call__` writes the image tokens as `self.image_token.content`; it
+    takes `image_token` from the tokenizer when the tokenizer has one, and a tokenizer saved with
+    `extra_special_tokens={"image_token": ...}` gives a plain `str` there (AttributeError: 'str' object has no
+    attribute 'content'). The string is wrapped as the `AddedToken` the processor builds itself otherwise.
+    """
+    from tokenizers import AddedToken
+    from transformers import Blip2Processor
+
+    processor = Blip2Processor.from_pretrained(name_or_path)
+    if isinstance(processor.image_token, str):
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
+    return processor
+
+
+__all__ = ["Blip2Backbone", "load_processor", "OPT_LORA_TARGETS", "T5_LORA_TARGETS"]

@@ -39,13 +39,17 @@ class EvalOutcome(NamedTuple):
     metric: str
 
 
-def versions() -> dict[str, str]:
-    """Library versions and the code's git commit, so a number can be traced to what produced it."""
+def versions() -> dict[str, Any]:
+    """Library versions, the code's git commit and the dependency lock (file, sha256, and whether this
+    environment is exactly the locked one), so a number can be traced to what produced it."""
     import lightning
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "lightning": lightning.__version__}
+    from mmict.dependency_lock import record
+
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "lightning": lightning.__version__,
+                           "lock": record()}
     try:
         repo = Path(__file__).resolve().parents[2]
         out["mmict_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,

@@ -35,8 +35,13 @@ def t5_tokenizer() -> Any:
     )
 
 
-def build(variant: str = "blip2", seed: int = 0) -> tuple[Any, Any]:
-    """(model, processor) of a tiny BLIP-2 with the LM `variant` names."""
+def build(variant: str = "blip2", seed: int = 0, decoder_layers: int | None = None,
+          image_token_as_string: bool = False) -> tuple[Any, Any]:
+    """(model, processor) of a tiny BLIP-2 with the LM `variant` names.
+
+    `decoder_layers`: a T5 decoder deeper than its 2-layer encoder (transformers 5.25's generate fails on
+    one without mmict's guard). `image_token_as_string`: the OPT tokenizer stores `image_token` as a plain
+    string, as tokenizers saved with `extra_special_tokens` do (5.25's Blip2Processor fails on it)."""
     import torch
     from transformers import (
         Blip2Config,
@@ -53,13 +58,15 @@ def build(variant: str = "blip2", seed: int = 0) -> tuple[Any, Any]:
         raise ValueError(f"unknown BLIP-2 variant '{variant}': use one of {VARIANTS}")
     if variant == "blip2_t5":
         tokenizer = t5_tokenizer()
-        text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-                        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2,
+                        num_decoder_layers=decoder_layers or 2, num_heads=2, relative_attention_num_buckets=8,
+                        relative_attention_max_distance=32,
                         feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     else:
         # OPT's tokenizer uses </s> as BOS and EOS (both id 2 in the real one).
-        tokenizer = word_tokenizer(["<image>"], bos="</s>", eos="</s>")
+        tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"} if image_token_as_string else None,
+                                   bos="</s>", eos="</s>")
         text = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128,
                          do_layer_norm_before=True, bos_token_id=tokenizer.bos_token_id,
@@ -84,8 +91,8 @@ def build(variant: str = "blip2", seed: int = 0) -> tuple[Any, Any]:
     return model, processor
 
 
-def save_tiny(path: Path, variant: str = "blip2") -> Path:
-    model, processor = build(variant)
+def save_tiny(path: Path, variant: str = "blip2", **options: Any) -> Path:
+    model, processor = build(variant, **options)
     model.save_pretrained(path)
     processor.save_pretrained(path)  # tokenizer, image processor and processor_config (num_query_tokens)
     return path
@@ -94,6 +101,6 @@ def save_tiny(path: Path, variant: str = "blip2") -> Path:
 def hf_inputs(path: Path, image, text: str) -> dict:
     """The model's own processor on one image and `text` (which holds no image token: the processor puts the
     `num_query_tokens` image tokens in front of the tokenized text, BOS included)."""
-    from transformers import Blip2Processor
+    from mmict.backbones.blip2 import load_processor
 
-    return dict(Blip2Processor.from_pretrained(path)(images=image, text=text, return_tensors="pt"))
+    return dict(load_processor(str(path))(images=image, text=text, return_tensors="pt"))
