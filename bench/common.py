@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from bench import Context
+from data_modules.episodes import collate_episodes
+from mmict.batch import EpisodeBatch
 
 # ---- machine and versions --------------------------------------------------------------------------------
 
@@ -43,7 +45,7 @@ def machine_info() -> dict[str, Any]:
 def versions() -> dict[str, str]:
     import safetensors
 
-    from mmict.eval.runner import versions as mmict_versions
+    from mmict.runs.record import versions as mmict_versions
 
     return {**mmict_versions(), "safetensors": safetensors.__version__}
 
@@ -192,7 +194,7 @@ def build_tiny(folder: Path, variant: str, text_hidden: int = 64, text_layers: i
         LlavaNextImageProcessor,
     )
 
-    from mmict.backbones.toy import build_tokenizer
+    from mmict.toy.backbone import build_tokenizer
 
     spec = VARIANTS[variant]
     tokenizer = build_tokenizer(list(WORDS))
@@ -229,7 +231,7 @@ class Env:
 
         from mmict.backbones import load_backbone
         from mmict.config import load_config
-        from mmict.modules import AIMModule
+        from mmict.methods.aim.module import AIMModule
         from mmict.segments import Image
 
         spec = VARIANTS[variant]
@@ -278,18 +280,15 @@ class Env:
         return {"demos": n, "computed": computed, "build_s": build_s, "reload_s": load_s,
                 "build_ms_per_demo": 1000 * build_s / max(1, n), "reload_ms_per_demo": 1000 * load_s / max(1, n)}
 
-    def batch(self, k: int, queries: int = 1) -> dict[str, Any]:
-        """An evaluation batch (`mmict.eval.loop.episode_batch` layout): each query with the first k demos."""
+    def batch(self, k: int, queries: int = 1) -> EpisodeBatch:
+        """An evaluation batch (as `mmict.eval.loop.episode_batch` makes it): each query with the first k demos."""
         self.ensure_pool(k)
-        demos = self.pool[:k] * queries
-        return {
-            "demo_ids": [d[0] for d in demos], "demo_images": [d[1] for d in demos],
-            "demo_texts": [d[2] for d in demos], "demo_counts": [k] * queries,
-            "query_images": [self.query_image] * queries, "query_prompts": [QUERY_PROMPT] * queries,
-            "query_targets": ["a red circle"] * queries,
-        }
+        demos = self.pool[:k]
+        episode = {"demo_images": [d[1] for d in demos], "demo_texts": [d[2] for d in demos],
+                   "query_image": self.query_image, "query_prompt": QUERY_PROMPT, "query_target": "a red circle"}
+        return collate_episodes([episode] * queries, skipped={}, demo_ids=[d[0] for d in demos] * queries)
 
-    def answer(self, batch: dict[str, Any], mode: str, use_bank: bool, new_tokens: int = 4) -> int:
+    def answer(self, batch: EpisodeBatch, mode: str, use_bank: bool, new_tokens: int = 4) -> int:
         """What evaluation does per batch of queries: prompts, left-padded assembly, greedy generation with the
         KV cache (a fixed number of new tokens, so every method decodes the same amount). Context tokens."""
         self.module.bank = self.bank if use_bank else None

@@ -30,9 +30,9 @@ TARGET = 3.0
 
 def _toy(ctx: Context) -> Any:
     """The toy_aim config over a small toy world and an untrained toy backbone under the bench's workdir."""
-    from data_modules.toy_world import write_toy_world
-    from mmict.backbones.toy import ensure_toy_backbone
     from mmict.config import load_config
+    from mmict.toy.backbone import ensure_toy_backbone
+    from mmict.toy.world import write_toy_world
 
     root = ctx.workdir / "data_bench"
     docs = 120 if ctx.smoke else 300 if ctx.quick else 1500
@@ -62,7 +62,7 @@ def pipeline_rate(cfg: Any, transform: Any, workers: int, warmup: int, measured:
     for _ in range(warmup):
         next(batches)
     start = time.perf_counter()
-    episodes = sum(len(next(batches)["query_targets"]) for _ in range(measured))
+    episodes = sum(len(next(batches)) for _ in range(measured))
     return episodes / (time.perf_counter() - start)
 
 
@@ -82,12 +82,12 @@ def training_rate(module: Any, batches: list[dict], warmup: int) -> float:
     start = time.perf_counter()
     for batch in batches[warmup:]:
         step(batch)
-    return sum(len(b["query_targets"]) for b in batches[warmup:]) / (time.perf_counter() - start)
+    return sum(len(b) for b in batches[warmup:]) / (time.perf_counter() - start)
 
 
 @register("data", "the data pipeline (episodes/s from the web shards, 2 workers) vs AIM's training step")
 def run(ctx: Context) -> Result:
-    from mmict.modules import METHODS
+    from mmict.methods import METHODS
 
     cfg = _toy(ctx)
     module = METHODS["aim"](cfg)

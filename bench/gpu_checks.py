@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated checks (default: all): fp32,auto,fsdp_bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: these checks need one (CPU precision is covered by tests/test_precision.py)")
+        raise SystemExit("no CUDA GPU: these checks need one "
+                         "(CPU precision is covered by tests/mmict/training/test_precision.py)")
     root = Path(args.root)
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     run(root, "warmup", 20)  # builds the toy world and backbone, warms CUDA; not reported

@@ -117,7 +117,7 @@ def measure(ctx: Context, p: dict[str, Any]) -> dict[str, Any]:
     batches = []
     for _ in range(p["steps"]):
         b = e.batch(p["shots"], queries=p["queries"])
-        b.pop("demo_ids")  # training batches carry no ids: demos are read every step, as in training
+        b.demo_ids = None  # training batches carry no ids: demos are read every step, as in training
         batches.append(b)
     per_step: dict[str, list[float]] = {"plain": [], "lightning": []}
     outside: dict[str, list[float]] = {"plain": [], "lightning": []}

@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from mmict.batch import EpisodeBatch
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ class SkippedSamplesReport(L.Callback):
         self.report_path = Path(report_path) if report_path else None
 
     def _add(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, stage: str) -> None:
-        skipped = batch.get("skipped") if isinstance(batch, dict) else None
+        skipped = batch.skipped if isinstance(batch, EpisodeBatch) else None
         if skipped:
             self.counts.update({f"{stage}/{k}": v for k, v in skipped.items()})
             pl_module.log("data/skipped_total", float(sum(self.counts.values())), reduce_fx="max")

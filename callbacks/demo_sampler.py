@@ -17,6 +17,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from data_modules.shots import ShotPolicy
+from mmict.batch import EpisodeBatch
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ class DemoSampler(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = batch.get("step") if isinstance(batch, dict) else None
+        step = batch.step if isinstance(batch, EpisodeBatch) else None
         expected = trainer.fit_loop.total_batch_idx
         if step is not None and step != expected:
             raise RuntimeError(f"the data stream gave the batch for step {step} at step {expected}: its shot counts "
                                "would not follow the schedule (was the loader built outside the data module?)")
-        counts = batch.get("demo_counts") if isinstance(batch, dict) else None
+        counts = batch.demo_counts if isinstance(batch, EpisodeBatch) else None
         if counts:
             stage = self.policy.stage(expected)
             pl_module.log("train/shots_min", float(min(counts)), batch_size=len(counts))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -65,10 +64,17 @@ def last_checkpoint(trainer: L.Trainer) -> tuple[str, int] | None:
                 saved = sorted(Path(cb.dirpath).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
                 path = str(saved[-1]) if saved else ""
             if path:
-                return path, _step_of(cb, path)
+                return path, _step_of(path)
     return None
 
 
-def _step_of(cb: ModelCheckpoint, path: str) -> int:
-    step: Any = getattr(cb, "_last_global_step_saved", None)
+def _step_of(path: str) -> int:
+    """The training step a checkpoint was written at, read from the file itself (memory-mapped: the tensors
+    are not loaded), rather than from ModelCheckpoint's private bookkeeping; -1 when it cannot be read."""
+    import torch
+
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    except (OSError, RuntimeError, ValueError, AttributeError):
+        return -1
     return int(step) if isinstance(step, int) and step >= 0 else -1

@@ -1,36 +1,17 @@
-"""LightningDataModules over webdataset shards, the toy world, and skip counting."""
+"""LightningDataModules over webdataset shards, and skip counting (the toy world's writers are in mmict.toy)."""
 
 from .downstream import DownstreamDataModule, Example, load_examples
+from .episodes import collate_episodes
 from .skips import drain_skips, record_skip, skip_handler
-from .toy_world import (
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    draw_shape,
-    toy_vocabulary,
-    toy_world_exists,
-    vqa_demo_text,
-    vqa_prompt,
-    write_toy_world,
-)
-from .web_corpus import WebCorpusDataModule, collate_episodes
+from .web_corpus import WebCorpusDataModule
 
 __all__ = [
-    "COLORS",
-    "POSITIONS",
-    "SHAPES",
     "DownstreamDataModule",
     "Example",
     "WebCorpusDataModule",
     "collate_episodes",
-    "draw_shape",
     "drain_skips",
     "load_examples",
     "record_skip",
     "skip_handler",
-    "toy_vocabulary",
-    "toy_world_exists",
-    "vqa_demo_text",
-    "vqa_prompt",
-    "write_toy_world",
 ]

@@ -20,18 +20,12 @@ from typing import Any
 import lightning as L
 import webdataset as wds
 
+from .episodes import ImageTransform, decode_image
 from .skips import record_skip, skip_handler
-from .web_corpus import ImageTransform, decode_image, find_shards, missing_shards_error
+from .streaming import find_shards, missing_shards_error
 
 logger = logging.getLogger(__name__)
 
-# task -> folder under root holding its shards; add a task by adding its folder here.
-# Task -> its folder under data.root; the real benchmarks' converters write <root>/<task>/{train,test}-*.tar.
-TASK_DIRS: dict[str, str] = {"toy_vqa": "vqa", "toy_binding": "binding", "vqav2": "vqav2", "okvqa": "okvqa",
-                             "vizwiz": "vizwiz", "textvqa": "textvqa", "coco_caption": "coco_caption",
-                             "flickr30k": "flickr30k", "hateful_memes": "hateful_memes",
-                             "msvd_caption": "msvd_caption", "msvd_qa": "msvd_qa", "msrvtt_caption": "msrvtt_caption",
-                             "msrvtt_qa": "msrvtt_qa"}
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -181,17 +175,17 @@ class DownstreamDataModule(L.LightningDataModule):
         self,
         root: str | Path,
         *,
-        task: str = "toy_vqa",
+        folder: str,
+        task: str | None = None,
         image_transform: ImageTransform,
         query_split: str = "test",
         pool_split: str = "train",
         num_queries: int | None = None,
     ) -> None:
         super().__init__()
-        if task not in TASK_DIRS:
-            raise ValueError(f"unknown downstream task {task!r}; known: {sorted(TASK_DIRS)}")
         self.root = Path(root)
-        self.task = task
+        self.folder = folder  # under root: the task's folder (mmict.eval.tasks names it; no table here)
+        self.task = task or folder  # for messages and the convert command they suggest
         self.image_transform = image_transform
         self.query_split = query_split
         self.pool_split = pool_split
@@ -202,7 +196,7 @@ class DownstreamDataModule(L.LightningDataModule):
 
     def shards(self, split: str) -> list[str]:
         """The split's shards; FileNotFoundError (with the command that builds them) if there are none."""
-        folder = TASK_DIRS[self.task]
+        folder = self.folder
         urls = find_shards(self.root, folder, split)
         if not urls:
             searched = str(self.root / folder / f"{split}-*.tar")

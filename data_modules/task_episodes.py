@@ -9,7 +9,7 @@ web corpus's (`collate_episodes`), so every module trains on either.
 
 Validation: ``val_split`` (e.g. ``val``) read once in order, k = max_shots; no shards there means no
 validation, with a warning. Prompts and demo texts are the task's own (`mmict.eval.tasks`), so training and
-evaluation show a model the same format.
+evaluation show a model the same format; the task (its folder and formats) is passed in by the caller.
 """
 
 from __future__ import annotations
@@ -18,18 +18,31 @@ import logging
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
-from .downstream import TASK_DIRS, Example, convert_command, decode_example
-from .web_corpus import EpisodeStream, ImageTransform, ShotPlan, WebCorpusDataModule, _Watchdog, source_of
+from .downstream import Example, convert_command, decode_example
+from .episodes import ImageTransform
+from .streaming import ShardStream, ShotPlan, _Watchdog, source_of
+from .streaming_module import StreamingDataModule
 
 logger = logging.getLogger(__name__)
 
 
-def task_episode(demos: list[Example], query: Example, task_name: str, rng: random.Random) -> dict:
-    """One episode in `collate_episodes`' input form, with the task's prompt and demo formats."""
-    from mmict.eval.tasks import get_task  # here, not at import: the task table imports data_modules
+class EpisodeFormat(Protocol):
+    """What a task's episodes need from the task table (`mmict.eval.tasks.Task` is one): passed in by the caller,
+    so the data layer never imports evaluation. Its functions must be picklable (module-level functions) to reach
+    DataLoader workers under the spawn start method."""
 
-    task = get_task(task_name)
+    name: str
+    folder: str  # under data.root
+
+    def query_prompt(self, query: Example) -> str: ...
+
+    def demo_text(self, demo: Example) -> str: ...
+
+
+def task_episode(demos: list[Example], query: Example, task: EpisodeFormat, rng: random.Random) -> dict:
+    """One episode in `collate_episodes`' input form, with the task's prompt and demo formats."""
     return {
         "demo_images": [d.image for d in demos],
         "demo_texts": [task.demo_text(d) for d in demos],
@@ -40,7 +53,7 @@ def task_episode(demos: list[Example], query: Example, task_name: str, rng: rand
 
 
 def _group_episodes(
-    samples: Iterable[dict], *, task: str, image_transform: ImageTransform, plan: ShotPlan,
+    samples: Iterable[dict], *, task: EpisodeFormat, image_transform: ImageTransform, plan: ShotPlan,
     rng: random.Random | None, seed: int, watchdog: _Watchdog,
 ) -> Iterator[dict]:
     """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode."""
@@ -63,10 +76,10 @@ def _group_episodes(
             made += 1
 
 
-class TaskEpisodeStream(EpisodeStream):
-    """`EpisodeStream` (disjoint shards per rank and worker, seeded, exact resume) with task episodes."""
+class TaskEpisodeStream(ShardStream):
+    """`ShardStream` (disjoint shards per rank and worker, seeded, exact resume) with task episodes."""
 
-    def __init__(self, urls: list[str], *, task: str, **kwargs) -> None:
+    def __init__(self, urls: list[str], *, task: EpisodeFormat, **kwargs) -> None:
         super().__init__(urls, **kwargs)
         self.task = task
 
@@ -76,13 +89,11 @@ class TaskEpisodeStream(EpisodeStream):
                                seed=self.seed, watchdog=watchdog)
 
 
-class TaskEpisodeDataModule(WebCorpusDataModule):
+class TaskEpisodeDataModule(StreamingDataModule):
     """Episodes of `task` from its train split, validated on `val_split` (see the module docstring)."""
 
-    def __init__(self, root: str | Path, *, task: str, val_split: str = "val", **kwargs) -> None:
+    def __init__(self, root: str | Path, *, task: EpisodeFormat, val_split: str = "val", **kwargs) -> None:
         super().__init__(root, **kwargs)
-        if task not in TASK_DIRS:
-            raise ValueError(f"unknown data.task {task!r}; known: {sorted(TASK_DIRS)}")
         self.task = task
         self.val_split = val_split
 
@@ -90,19 +101,19 @@ class TaskEpisodeDataModule(WebCorpusDataModule):
 
     @property
     def folder(self) -> str:
-        return TASK_DIRS[self.task]
+        return self.task.folder
 
     def _split_name(self, split: str) -> str:
         return self.val_split if split == "val" else split
 
     def _describe(self, split: str) -> str:
-        return f"The {self.task} {self._split_name(split)} split"
+        return f"The {self.task.name} {self._split_name(split)} split"
 
     def _build_command(self) -> str:
-        return convert_command(self.task, self.root / self.folder, "train")
+        return convert_command(self.task.name, self.root / self.folder, "train")
 
     def _stream_extra(self) -> dict:
         return {"task": self.task}
 
 
-__all__ = ["TaskEpisodeDataModule", "TaskEpisodeStream", "task_episode"]
+__all__ = ["EpisodeFormat", "TaskEpisodeDataModule", "TaskEpisodeStream", "task_episode"]

@@ -44,12 +44,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmict.config.schema import BANK_STORES
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-STORES = ("hidden", "fused")
+STORES = BANK_STORES  # the one list, in the config schema (eval.bank.store)
 INDEX = "index.json"
 
 Compute = Callable[[list[Pixels], list[str]], list[torch.Tensor]]
@@ -168,24 +169,6 @@ class ModuleHash:
                 h.update(_bytes(t))
             self._stamp, self._hash = stamp, h.hexdigest()[:32]
         return self._hash
-
-
-def aim_key(backbone: Any, layer: int, final_norm: bool, store: str, projector_hash: str | None,
-            fingerprint: str | None = None) -> dict[str, Any]:
-    """Every part an AIM reading depends on (see the module docstring)."""
-    if store not in STORES:
-        raise ValueError(f"unknown bank store '{store}': use one of {STORES}")
-    return {
-        "format": FORMAT_VERSION,
-        "backbone": str(backbone.name_or_path),
-        "family": backbone.family,
-        "dtype": str(backbone.dtype).removeprefix("torch."),
-        "fingerprint": fingerprint or backbone_fingerprint(backbone),
-        "layer": int(layer),
-        "final_norm": bool(final_norm),
-        "store": store,
-        "projector": projector_hash if store == "fused" else None,
-    }
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -478,24 +461,3 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 # ---- AIM's bank ------------------------------------------------------------------------------------------
-
-
-def aim_bank(module: Any, root: str | Path, *, store: str = "hidden", pool: str = "pool", batch_size: int = 16,
-             progress: bool = True) -> DemoBank:
-    """A bank of an `AIMModule`'s demo readings: hidden states (`store="hidden"`) or fused tokens (`"fused"`,
-    keyed by the projector's weights as they are at each lookup)."""
-    if store not in STORES:
-        raise ValueError(f"unknown bank store '{store}': use one of {STORES}")
-    reader, backbone = module.reader, module.backbone
-    projector_hash = ModuleHash(module.projector) if store == "fused" else None
-    final_norm = bool(reader.final_norm and not reader.is_final)  # the final layer is normed either way
-    static = aim_key(backbone, reader.layer, final_norm, store, None)  # the backbone is frozen: fingerprinted once
-
-    def key() -> dict[str, Any]:
-        return static if projector_hash is None else {**static, "projector": projector_hash()}
-
-    def compute(images: list[Pixels], texts: list[str]) -> list[torch.Tensor]:
-        hidden = reader.read(images, texts)
-        return hidden if store == "hidden" else module.project(hidden)
-
-    return DemoBank(root, compute, key, pool=pool, store=store, batch_size=batch_size, progress=progress)

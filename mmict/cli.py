@@ -30,8 +30,8 @@ commands:
 
 
 def pretrain_toy_main(argv: list[str]) -> None:
-    from mmict.backbones.toy import MARKER, ensure_toy_backbone
     from mmict.config import load_config
+    from mmict.toy.backbone import MARKER, ensure_toy_backbone
 
     parser = argparse.ArgumentParser(prog="mmict pretrain-toy")
     parser.add_argument("experiment", nargs="?", default="toy_aim")
@@ -50,7 +50,7 @@ def data_main(argv: list[str]) -> None:
     if argv and argv[0] == "convert":
         convert_main(argv[1:])
         return
-    from data_modules.toy_world import write_toy_world
+    from mmict.toy.world import write_toy_world
 
     parser = argparse.ArgumentParser(prog="mmict data", epilog="mmict data convert --help: convert a public dataset")
     parser.add_argument("dataset", choices=["toy"])
@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "pretrain-toy":
             pretrain_toy_main(rest)
         elif command == "sweep":
-            from mmict.slurm import main as sweep_main
+            from mmict.runs.slurm import main as sweep_main
 
             return sweep_main(rest)
         elif command == "compare":
-            from mmict.compare import main as compare_main
+            from mmict.runs.compare import main as compare_main
 
             return compare_main(rest)
         else:

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from mmict.config import ConfigError, load_config
 from mmict.eval.runner import EvalOutcome, report_markdown
 from mmict.plots import plot_score_vs_shots
-from mmict.runs import unique_path, write_text_unique
-from mmict.slurm import format_value
+from mmict.runs.folders import unique_path, write_text_unique
+from mmict.runs.slurm import format_value
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
+from mmict.config.schema import DEMO_MODES  # the one list (eval.demo_modes)
 from mmict.segments import Embeds, Image, Prompt, Segment, Text
 
-DEMO_MODES = ("fused", "images", "text", "none")
+# How tables and plots name each demo mode (MMICT's `concat` design included, and methods may relabel theirs).
+MODE_NAMES = {"none": "zero-shot", "fused": "AIM (fused tokens)", "images": "vanilla ICL (images+text)",
+              "text": "text-only demos", "concat": "vanilla ICT (visual features + demo text)"}
 DEMO_SEPARATOR = " "  # between a demo's text and what follows, so word-level text does not glue
 
 

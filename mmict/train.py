@@ -23,19 +23,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import DemoSampler, RNGState, RunRecord, SkippedSamplesReport
 from callbacks.nan_guard import NonFiniteLossGuard
-from callbacks.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 from data_modules.shots import ShotPolicy
+from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
-from data_modules.toy_world import write_toy_world
 from data_modules.web_corpus import WebCorpusDataModule
 from mmict.companions import companion_configs, run_companions
 from mmict.config import ConfigError, load_config, save_config
-from mmict.eval.runner import run_eval, versions
-from mmict.modules import METHODS
+from mmict.eval.runner import run_eval
+from mmict.eval.tasks import get_task
+from mmict.methods import METHODS
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
-from mmict.resume import FINISHED, find_resume
-from mmict.runs import make_run_dir
-from mmict.slurm import default_run_dir, slurm_job_tag
+from mmict.runs.folders import make_run_dir
+from mmict.runs.record import versions
+from mmict.runs.resume import FINISHED, find_resume
+from mmict.runs.slurm import default_run_dir, slurm_job_tag
+from mmict.toy.prepare import prepare as prepare_toy
+from mmict.training.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 
 log = logging.getLogger("mmict")
 
@@ -44,13 +47,7 @@ log = logging.getLogger("mmict")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
-def prepare_data(cfg: DictConfig) -> None:
-    """Write the toy world when the experiment uses it (reused when already there)."""
-    if cfg.data.toy is not None:
-        write_toy_world(cfg.data.root, **OmegaConf.to_container(cfg.data.toy))
-
-
-def build_datamodule(cfg: DictConfig, image_transform: Any) -> WebCorpusDataModule:
+def build_datamodule(cfg: DictConfig, image_transform: Any) -> StreamingDataModule:
     """Training episodes: cut from the web corpus (`data.task` null, AIM), or from a downstream task's train
     split (`data.task`, MMICT)."""
     d = cfg.data
@@ -60,7 +57,7 @@ def build_datamodule(cfg: DictConfig, image_transform: Any) -> WebCorpusDataModu
     if d.task is None:
         return WebCorpusDataModule(d.root, corpus=d.corpus, min_similarity=d.min_similarity,
                                    min_image_size=d.min_image_size, **common)
-    return TaskEpisodeDataModule(d.root, task=d.task, val_split=d.val_split, **common)
+    return TaskEpisodeDataModule(d.root, task=get_task(d.task), val_split=d.val_split, **common)
 
 
 def shot_policy(cfg: DictConfig) -> ShotPolicy:
@@ -137,7 +134,7 @@ def build_strategy(cfg: DictConfig, module: L.LightningModule | None = None, pre
                           f"(trainer.accelerator={tr.accelerator}). Use trainer.strategy=auto (or ddp) on this machine")
     if module is None:
         raise ValueError("trainer.strategy=fsdp is built from the method's module: build_trainer(cfg, run_dir, module)")
-    from callbacks.fsdp import build_fsdp_strategy
+    from mmict.training.fsdp import build_fsdp_strategy
 
     return build_fsdp_strategy(module, tr.fsdp, precision or tr.precision)
 
@@ -196,7 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     # Effective precision and backbone dtype for this hardware, said out loud (before the backbone loads).
     precision = apply_precision_policy(cfg)
-    prepare_data(cfg)
+    prepare_toy(cfg)  # the toy world's shards and toy backbone, when the experiment has them
     # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
     find_shards_or_fail(cfg)
     companions = companion_configs(cfg)  # bad names fail here, not after training

@@ -73,7 +73,7 @@ Reader = Callable[[Context], Iterable[Sample]]
 
 @dataclass(frozen=True)
 class Converter:
-    name: str  # `mmict data convert <name>`; for a downstream task also its TASK_DIRS key
+    name: str  # `mmict data convert <name>`; a downstream task's converter has the task's name (mmict/eval/tasks.py)
     kind: str  # web | image | video
     read: Reader
     layout: str  # the public layout it expects, shown by `mmict data convert --help` and in errors

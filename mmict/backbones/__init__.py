@@ -97,15 +97,15 @@ def _processor_chat_template(name_or_path: str) -> str | None:
 
 
 def build_backbone(cfg: Any) -> Backbone:
-    """Build the backbone an experiment's `backbone` config section asks for.
+    """Load the backbone an experiment's `backbone` config section asks for (and add LoRA when it says so).
 
-    With `backbone.toy` set and no model at `name_or_path`, a tiny random-init LLaVA is written there
-    first, so the toy world goes through exactly the loading path real checkpoints use.
+    It only loads: a toy backbone (`backbone.toy`) is written beforehand by `mmict.toy.prepare(cfg)`, which
+    `mmict train` and `mmict eval` call, and is then loaded through exactly the path real checkpoints use.
     """
-    if cfg.toy is not None:
-        from mmict.backbones.toy import ensure_toy_backbone
-
-        ensure_toy_backbone(cfg.name_or_path, cfg.toy)
+    if cfg.toy is not None and not (Path(str(cfg.name_or_path)) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no toy backbone at {cfg.name_or_path} yet: it is built by mmict.toy.prepare(cfg), which `mmict train` "
+            "and `mmict eval` run first; build it alone with `mmict pretrain-toy EXP`")
     backbone = load_backbone(cfg.family, cfg.name_or_path, cfg.dtype)
     backbone.use_chat_template = bool(cfg.get("chat_template", True))
     lora = cfg.get("lora")

@@ -231,7 +231,8 @@ def t5_lazy_cache_kwarg() -> dict[str, Any]:
     `T5Config.num_hidden_layers`, which T5 maps to `num_layers`, the *encoder* depth. A decoder with more
     layers than that then fails in `cache_utils` (`IndexError: list index out of range` at the first extra
     layer). An `EncoderDecoderCache` of two empty `DynamicCache`s appends a layer per layer it sees, so any
-    depth works, with the same outputs (tests/test_backbone_blip2.py checks them against `use_cache=False`).
+    depth works, with the same outputs (tests/mmict/backbones/test_backbone_blip2.py checks them against
+    `use_cache=False`).
     transformers renamed `generate`'s `past_key_values` to `cache` in 5.24 (the old name warns until 6.0).
     """
     import transformers

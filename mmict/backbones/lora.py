@@ -2,7 +2,7 @@
 
 Adapters are injected into the language model only (never the vision tower, whose attention layers
 share names like `q_proj`), at the family's `lora_target_modules` unless the config names others.
-Only the LoRA weights train and only they are saved (see `mmict.modules.base`).
+Only the LoRA weights train and only they are saved (see `mmict.methods.base`).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ import torch
 
 from mmict.config import ConfigError, config_from_dict, load_config, save_config
 from mmict.eval.runner import run_eval
-from mmict.modules import METHODS
-from mmict.modules.base import check_checkpoint_backbone
+from mmict.methods import METHODS
+from mmict.methods.base import check_checkpoint_backbone
+from mmict.toy.prepare import prepare as prepare_toy
 
 
 def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
@@ -26,6 +27,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist (runs keep theirs in runs/<exp>/<time>/checkpoints)")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     cfg = config_from_dict(state["hyper_parameters"]["config"], overrides)
+    prepare_toy(cfg)  # a toy run's world and backbone, rebuilt from their recipes if this machine lacks them
     module = METHODS[cfg.method.name](cfg)
     check_checkpoint_backbone(state, module.backbone)
     module.load_state_dict(state["state_dict"])
@@ -37,7 +39,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
 
 def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
     """Training-free baselines (demo modes none / images / text) of an experiment, no checkpoint."""
-    from mmict.runs import make_run_dir
+    from mmict.runs.folders import make_run_dir
 
     cfg = load_config(experiment, overrides)
     if cfg.method.name == "mmict":
@@ -50,6 +52,7 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
             "checkpoint (mmict eval runs/<exp>/<time>/checkpoints/last.ckpt), or evaluate the training-free "
             "baselines with eval.demo_modes=[images,text]"
         )
+    prepare_toy(cfg)
     module = METHODS[cfg.method.name](cfg)  # loads the backbone first: missing weights fail before any folder
     run_dir = make_run_dir(cfg.run_root, cfg.name)
     save_config(cfg, run_dir / "config.yaml")
@@ -76,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exp", help="without a checkpoint: evaluate this experiment's training-free baselines")
     parser.add_argument("--shots", help="comma-separated shot counts, e.g. 0,4,8,16,32 (= eval.shots=[...])")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.seeds=[0,1,2]")
-    args = parser.parse_args(argv)
+    # intermixed: `make eval CKPT=... SHOTS=0,4 ARGS="eval.seeds=[0]"` puts the overrides after --shots, which
+    # plain parse_args refuses ("unrecognized arguments") once the positionals were filled before --shots.
+    args = parser.parse_intermixed_args(argv)
     overrides = args.overrides + shots_override(args.shots)
     if args.checkpoint and "=" in args.checkpoint:  # `mmict eval eval.shots=[0]` with --exp: not a path
         overrides, args.checkpoint = [args.checkpoint, *overrides], None

@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from data_modules.downstream import Example
+from data_modules.episodes import collate_episodes
 from mmict.bank import image_source
+from mmict.batch import EpisodeBatch
 from mmict.eval.likelihood import class_probabilities
 from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
-
-MODE_NAMES = {"none": "zero-shot", "fused": "AIM (fused tokens)", "images": "vanilla ICL (images+text)",
-              "text": "text-only demos", "concat": "vanilla ICT (visual features + demo text)"}
+from mmict.prompts import MODE_NAMES
 
 
 @dataclass
@@ -56,22 +56,25 @@ class LazyImages(Sequence):
     def __getitem__(self, i):
         return LazyImages(self.examples[i]) if isinstance(i, slice) else self.examples[i].image
 
+    @classmethod
+    def concat(cls, parts: Sequence[LazyImages]) -> LazyImages:
+        """Several episodes' lazy demo images as one, still undecoded (`collate_episodes` flattens with it)."""
+        return cls([example for part in parts for example in part.examples])
+
 
 def episode_batch(queries: Sequence[Example], demos: Sequence[Sequence[Example]], task: Task,
-                  lazy_demo_images: bool = False) -> dict:
-    """The same batch layout the training data uses (`collate_episodes`), plus each demo's id and image source
-    (what a demonstration bank knows it by); `lazy_demo_images` leaves demo images undecoded until read."""
+                  lazy_demo_images: bool = False) -> EpisodeBatch:
+    """The batch the training data gives (`collate_episodes`), with each demo's id and image source (what a
+    demonstration bank knows it by); `lazy_demo_images` leaves demo images undecoded until read."""
+    episodes = [{
+        "demo_images": LazyImages(ds) if lazy_demo_images else [d.image for d in ds],
+        "demo_texts": [task.demo_text(d) for d in ds],
+        "query_image": q.image, "query_prompt": task.query_prompt(q), "query_target": q.answers[0],
+        "source": q.id,
+    } for q, ds in zip(queries, demos, strict=True)]
     demo_flat = [d for ds in demos for d in ds]
-    return {
-        "demo_ids": [d.id for d in demo_flat],
-        "demo_sources": [image_source(d) for d in demo_flat],
-        "demo_images": LazyImages(demo_flat) if lazy_demo_images else [d.image for d in demo_flat],
-        "demo_texts": [task.demo_text(d) for d in demo_flat],
-        "demo_counts": [len(ds) for ds in demos],
-        "query_images": [q.image for q in queries],
-        "query_prompts": [task.query_prompt(q) for q in queries],
-        "query_targets": [q.answers[0] for q in queries],
-    }
+    return collate_episodes(episodes, skipped={}, demo_ids=[d.id for d in demo_flat],
+                            demo_sources=[image_source(d) for d in demo_flat])
 
 
 def _draw(selector: DemoSelector, queries: Sequence[Example], seed: int, k: int) -> list[list[Example]]:
@@ -147,7 +150,6 @@ def evaluate(
         for start in range(0, len(queries), batch_size):
             q, d = queries[start : start + batch_size], demos[start : start + batch_size]
             batch = episode_batch(q, d, task, lazy_demo_images=mode == "fused" and bank is not None)
-            batch = {key: v.to(module.device) if torch.is_tensor(v) else v for key, v in batch.items()}
             prompts = module.batch_prompts(batch, demo_mode=mode, with_target=False)
             if task.kind == "classify":
                 probs, batch_ctx = class_probabilities(module.backbone, prompts, task.classes)
@@ -204,38 +206,3 @@ def markdown_table(rows: Sequence[dict], chance: float | None = None, metric: st
 
 def as_dicts(results: Sequence[TrialResult]) -> list[dict]:
     return [asdict(r) for r in results]
-
-
-def aim_vs_icl(rows: Sequence[dict]) -> list[dict]:
-    """Per shot count: the share of vanilla ICL's gain over zero-shot that AIM keeps, and the context saved.
-
-    `recovered` = (AIM - zero-shot) / (vanilla ICL - zero-shot), None when ICL gains nothing;
-    `context_ratio` = vanilla ICL's context tokens / AIM's (whole prompt, query included);
-    `demo_context_ratio` = the same for the demonstrations' tokens alone (prompt minus the zero-shot one).
-    """
-    by = {(r["method"], r["shots"]): r for r in rows}
-    zero = by.get((MODE_NAMES["none"], 0))
-    out = []
-    for k in sorted({r["shots"] for r in rows if r["shots"] > 0}):
-        aim, icl = by.get((MODE_NAMES["fused"], k)), by.get((MODE_NAMES["images"], k))
-        if zero is None or aim is None or icl is None:
-            continue
-        gain = icl["accuracy_mean"] - zero["accuracy_mean"]
-        demo_aim = aim["context_tokens"] - zero["context_tokens"]
-        out.append({
-            "shots": k,
-            "recovered": (aim["accuracy_mean"] - zero["accuracy_mean"]) / gain if gain > 0 else None,
-            "context_ratio": icl["context_tokens"] / aim["context_tokens"],
-            "demo_context_ratio": (icl["context_tokens"] - zero["context_tokens"]) / demo_aim if demo_aim > 0 else None,
-        })
-    return out
-
-
-def aim_vs_icl_markdown(comparison: Sequence[dict]) -> str:
-    lines = ["| shots | AIM's share of vanilla ICL's gain over zero-shot | context tokens, ICL / AIM "
-             "| demo tokens, ICL / AIM |", "|---:|---:|---:|---:|"]
-    for c in comparison:
-        rec = "n/a (ICL gains nothing)" if c["recovered"] is None else f"{100 * c['recovered']:.0f}%"
-        demo = "n/a" if c["demo_context_ratio"] is None else f"{c['demo_context_ratio']:.1f}x"
-        lines.append(f"| {c['shots']} | {rec} | {c['context_ratio']:.1f}x | {demo} |")
-    return "\n".join(lines)

@@ -5,18 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.downstream import DownstreamDataModule
 from mmict.eval.loop import (
-    aim_vs_icl,
-    aim_vs_icl_markdown,
     as_dicts,
     chance_rate,
     evaluate,
@@ -26,8 +21,10 @@ from mmict.eval.loop import (
 from mmict.eval.postprocess import get_postprocessor
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import get_task
+from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown
 from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
-from mmict.runs import unique_path, write_text_unique
+from mmict.runs.folders import unique_path, write_text_unique
+from mmict.runs.record import versions
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +34,6 @@ class EvalOutcome(NamedTuple):
     report: str  # the table (and AIM vs vanilla ICL) as markdown
     chance: float | None  # the rate of answering with a random demo's answer (episodic tasks)
     metric: str
-
-
-def versions() -> dict[str, Any]:
-    """Library versions, the code's git commit and the dependency lock (file, sha256, and whether this
-    environment is exactly the locked one), so a number can be traced to what produced it."""
-    import lightning
-    import transformers
-
-    from mmict.dependency_lock import record
-
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "lightning": lightning.__version__,
-                           "lock": record()}
-    try:
-        repo = Path(__file__).resolve().parents[2]
-        out["mmict_commit"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], check=True,
-                                             capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out["mmict_commit"] = "unknown (not a git checkout)"
-    return out
 
 
 def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: str = "eval") -> None:
@@ -87,8 +64,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     task = get_task(ev.task)
     if ev.postprocess:
         task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
-    dm = DownstreamDataModule(cfg.data.root, task=ev.task, image_transform=module.backbone.image_transform,
-                              num_queries=ev.num_queries)
+    dm = DownstreamDataModule(cfg.data.root, folder=task.folder, task=task.name,
+                              image_transform=module.backbone.image_transform, num_queries=ev.num_queries)
     dm.setup("test")
     bank = attach_bank(module, cfg)
     results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),

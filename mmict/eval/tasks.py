@@ -1,6 +1,9 @@
-"""Downstream tasks: how a query is prompted, how a demo reads, and how demos are drawn for a query.
+"""The one task table: every downstream task's folder, prompt formats, metric, decoding and post-processing.
 
-One entry per task; the evaluation loop and the demo selection read only this table.
+One entry per task (`TASKS`). The evaluation loop, the demo selection, the config checks (task names) and the
+training data read only this table; data modules get a task's folder and formats passed in (they never import
+evaluation). Format functions are module-level functions, not lambdas, so a task pickles into DataLoader
+workers under any start method.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from data_modules.downstream import Example
-from data_modules.toy_binding import BINDING_PROMPT, BINDING_TASK, binding_text
-from data_modules.toy_world import vqa_demo_text, vqa_prompt
 from mmict.eval.metrics import cider, exact_match, hateful_memes_auc, okvqa_postprocess, vqa_accuracy
 from mmict.eval.postprocess import first_word, postprocess_caption, postprocess_vqa
+from mmict.toy.language import BINDING_PROMPT, BINDING_TASK, binding_text, vqa_demo_text, vqa_prompt
+
+
+def answers_of(example: Example) -> list[str]:
+    return example.answers
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,8 @@ class Task:
     name: str
     query_prompt: Callable[[Example], str]
     demo_text: Callable[[Example], str]
+    # Its shards' folder under data.root (`<root>/<folder>/{train,val,test}-*.tar`): the converters write there.
+    folder: str = ""  # "" = the task's name
     # "generate": the model writes an answer, post-processed and scored. "classify": no generation; each of
     # `classes` is scored as a continuation of the query prompt by its length-normalised log-likelihood, and
     # the trial's answers are P(first class) per query (Hateful Memes: P("yes")), scored by `corpus_score`.
@@ -38,12 +46,14 @@ class Task:
     # all of a trial's answers at once, (answers, references) -> score.
     corpus_score: Callable[[list[Any], list[Any]], float] | None = None
     # What a query's answer is scored against: its reference answers, or (classify) its 0/1 label.
-    reference: Callable[[Example], Any] = lambda ex: ex.answers
+    reference: Callable[[Example], Any] = answers_of
     # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
     num_beams: int = 1
     max_new_tokens: int = 5
 
     def __post_init__(self) -> None:
+        if not self.folder:
+            object.__setattr__(self, "folder", self.name)  # frozen: set once, here
         if self.kind not in ("generate", "classify"):
             raise ValueError(f"task {self.name}: kind must be 'generate' or 'classify', got {self.kind!r}")
         if self.kind == "classify" and (len(self.classes) != 2 or self.corpus_score is None):
@@ -74,8 +84,16 @@ def _vqa_task(name: str, **kw) -> Task:
     return Task(name, _vqa_prompt, _vqa_demo, score=vqa_accuracy, metric="vqa_accuracy", **kw)
 
 
+def _caption_prompt(q: Example) -> str:
+    return "Output:"
+
+
+def _caption_demo(d: Example) -> str:
+    return f"Output:{d.answers[0]}"
+
+
 def _caption_task(name: str) -> Task:
-    return Task(name, lambda q: "Output:", lambda d: f"Output:{d.answers[0]}", postprocess=postprocess_caption,
+    return Task(name, _caption_prompt, _caption_demo, postprocess=postprocess_caption,
                 score=exact_match, corpus_score=_corpus_cider, metric="cider", num_beams=3, max_new_tokens=20)
 
 
@@ -103,10 +121,26 @@ def _hm_auc(p_yes: list[float], labels: list[int]) -> float:
     return hateful_memes_auc(p_yes, labels)
 
 
+def _toy_vqa_prompt(q: Example) -> str:
+    return vqa_prompt(q.question)
+
+
+def _toy_vqa_demo(d: Example) -> str:
+    return vqa_demo_text(d.question, d.answers[0])
+
+
+def _binding_prompt(q: Example) -> str:
+    return q.question or BINDING_PROMPT
+
+
+def _binding_demo(d: Example) -> str:
+    return binding_text(d.answers[0])
+
+
 TASKS: dict[str, Task] = {
-    # Real benchmarks (shards from the converters: see the README's data formats).
+    # Real benchmarks (shards from the converters: see docs/data.md).
     "vqav2": _vqa_task("vqav2"),
-    "okvqa": _vqa_task("okvqa", postprocess=lambda g: okvqa_postprocess(g)),  # stemmed as OK-VQA v1.1
+    "okvqa": _vqa_task("okvqa", postprocess=okvqa_postprocess),  # stemmed as OK-VQA v1.1
     "vizwiz": _vqa_task("vizwiz"),
     "textvqa": _vqa_task("textvqa"),
     "coco_caption": _caption_task("coco_caption"),
@@ -120,9 +154,9 @@ TASKS: dict[str, Task] = {
     "hateful_memes": Task("hateful_memes", _hm_prompt, _hm_demo, kind="classify", classes=("yes", "no"),
                           reference=_hm_label, corpus_score=_hm_auc, metric="roc_auc"),
     # The toy world.
-    "toy_vqa": Task("toy_vqa", lambda q: vqa_prompt(q.question), lambda d: vqa_demo_text(d.question, d.answers[0])),
-    BINDING_TASK: Task(BINDING_TASK, lambda q: q.question or BINDING_PROMPT, lambda d: binding_text(d.answers[0]),
-                       postprocess=first_word, episodic=True, max_new_tokens=3),
+    "toy_vqa": Task("toy_vqa", _toy_vqa_prompt, _toy_vqa_demo, folder="vqa"),
+    BINDING_TASK: Task(BINDING_TASK, _binding_prompt, _binding_demo, folder="binding", postprocess=first_word,
+                       episodic=True, max_new_tokens=3),
 }
 
 

@@ -14,8 +14,8 @@ So the tolerance scales with the reference's magnitude and has a floor:
 
 For those tests (max|logit| about 8) that is 1.8e-4: about 5 times the largest noise measured, and far below
 what a real mismatch gives. A wrong position, an unmasked pad or a wrong token moves the same logits by 2.5e4
-to 4e4 times this tolerance (`tests/test_backbone_blip2.py::test_real_mismatch_fails_by_orders_of_magnitude`
-asserts at least 100 times, for each mistake and both LMs).
+to 4e4 times this tolerance (`test_real_mismatch_fails_by_orders_of_magnitude` in
+tests/mmict/backbones/test_backbone_blip2.py asserts at least 100 times, for each mistake and both LMs).
 Computations through the *same* shapes (the same forward twice, a tensor saved and loaded back) are compared
 exactly or at torch's defaults instead, not with this.
 """

@@ -1,0 +1,325 @@
+"""The experiment config's schema: typed dataclasses (:class:`ExperimentConfig` and its sections), the tuples
+of allowed values for string choices (``DTYPES``, ``DEMO_MODES``, ...; method names are the methods registry's)
+and ``EXPERIMENTS_DIR``.
+
+This is the foundation every other layer may import (models, callbacks, data modules), so it imports nothing from
+``mmict``, ``data_modules`` or ``callbacks``: only the standard library.
+"""
+
+# The schema keeps ``Optional[...]`` instead of ``X | None`` because omegaconf 2.3 (allowed by
+# pyproject.toml) cannot read PEP 604 unions in structured configs; 2.4 can, but we must not depend on it.
+# ruff: noqa: UP007, UP045
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+# Found relative to this file (not the cwd) so `python -m mmict.train toy_aim` works from any directory;
+# this file is mmict/config/schema.py, so the repo root is three levels up.
+EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent.parent / "experiments"
+
+# Methods the training entry point knows how to build. Extend this when a new LightningModule lands.
+DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # MMICT's (mmict/methods/mmict/module.py)
+PROJECTORS: tuple[str, ...] = ("linear", "mlp")
+PROJECTOR_INITS: tuple[str, ...] = ("default", "identity")
+# "auto": follows the effective precision (mmict/training/precision.py): bfloat16 under bf16-*, else float32.
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
+STRATEGIES: tuple[str, ...] = ("auto", "ddp", "fsdp")
+FSDP_SHARDING: tuple[str, ...] = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")  # mmict/training/fsdp.py
+FSDP_STATE_DICT_TYPES: tuple[str, ...] = ("auto", "sharded", "full")
+SHOTS_PER: tuple[str, ...] = ("episode", "step")
+DEMO_MODES: tuple[str, ...] = ("fused", "images", "text", "none")  # how mmict/prompts.py shows demos
+SELECTIONS: tuple[str, ...] = ("random", "rices")  # mmict.eval.selection.make_selector
+BANK_STORES: tuple[str, ...] = ("hidden", "fused")  # what mmict/bank.py stores
+# Lightning 2.x precision strings; checked here so a typo fails at load time, not after the model is built.
+LIGHTNING_PRECISIONS: tuple[str, ...] = (
+    "32-true",
+    "32",
+    "bf16-mixed",
+    "bf16-true",
+    "16-mixed",
+    "16-true",
+    "64-true",
+    "auto",  # bf16-mixed where the GPU supports it, else 32-true (mmict/training/precision.py)
+)
+
+
+@dataclass
+class ToyBackboneConfig:
+    """Sizes of the tiny random-init LLaVA built when the backbone folder does not exist yet."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    text_hidden_size: int = 96
+    text_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 1024
+    seed: int = 0
+    # Pretraining from scratch on generated documents (captions, binding episodes over the pretrain
+    # word pool, word lists; see mmict/toy/pretrain_data.py), run once and cached, so the frozen model
+    # AIM sits on reads images and does in-context binding; 0 keeps it random.
+    pretrain_steps: int = 0  # all steps, the word-list warm-up included
+    pretrain_text_steps: int = 0  # warm-up on word lists only (where copying, an induction head, is learnt)
+    pretrain_vision_steps: int = 0  # the vision tower's own stage first (reads colour, shape, position)
+    # Stage 2's grounding loss: the LM's hidden states (at `pretrain_grounding_layer`) at the text
+    # after an image predict that image's attributes, as labelled by the vision stage's heads. 0 = off.
+    pretrain_grounding_weight: float = 0.0
+    pretrain_grounding_layer: int = 2
+    pretrain_batch_size: int = 16
+    pretrain_lr: float = 1e-3
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the language model (the fine-tuning baseline); r=0 leaves the backbone fully frozen."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # null: the family's attention projections
+
+
+@dataclass
+class BackboneConfig:
+    family: str = "llava"  # adapter family: llava, llava_next, qwen2_vl, qwen2_5_vl, idefics2, idefics3, blip2
+    name_or_path: str = "data/toy/backbone"  # hub id or local folder
+    # float32 | bfloat16 | float16 | auto (follows trainer.precision); what the hardware cannot run falls back
+    # to float32 with a warning (mmict/training/precision.py)
+    dtype: str = "float32"
+    chat_template: bool = True  # wrap the query in the model's chat template when it has one
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # When set and name_or_path does not exist, a tiny random-init model is built there.
+    toy: Optional[ToyBackboneConfig] = field(default_factory=ToyBackboneConfig)
+
+
+@dataclass
+class AIMConfig:
+    layer: int = -1  # which hidden-state layer to read at demo text positions (-1 = final)
+    final_norm: bool = True  # apply the LM's final norm to a non-final layer's states
+    projector: str = "linear"  # linear | mlp
+    mlp_hidden: Optional[int] = None  # hidden width of the mlp projector (default: d)
+    # default: PyTorch's Linear init; identity (linear only): fused tokens start as the hidden states
+    # themselves, a fit start when `layer` is an early one whose states still look like input embeddings.
+    projector_init: str = "default"
+
+
+@dataclass
+class HubSizes:
+    """A fresh M-Hub's Q-Former sizes (ignored when it starts from a BLIP-2 checkpoint, which has its own)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2  # a cross-attention block every N layers (BLIP-2: 2)
+    num_query_tokens: int = 32
+    max_text_tokens: int = 64  # M-Hub text positions (longer demo/prompt texts are truncated)
+
+
+@dataclass
+class MMICTConfig:
+    hub: HubSizes = field(default_factory=HubSizes)
+    init_from_backbone: bool = True  # BLIP-2 backbones: start from the checkpoint's Q-Former, queries, projection
+    hub_tokenizer: Optional[str] = None  # the M-Hub's text tokenizer (e.g. bert-base-uncased); null: the LLM's
+    eoc_trainable: bool = False  # the <eoc> separator's embedding trains (a saved copy) or stays the frozen row
+    temporal_embedding: bool = False  # video: a learned per-frame embedding on the frames' vision tokens
+    max_frames: int = 32  # frames the temporal embedding covers
+
+
+@dataclass
+class MethodConfig:
+    name: str = "aim"  # aim | finetune | mmict
+    # How demonstrations enter the prompt (MMICT): fused (M-Hub text features), concat (vanilla ICT: visual
+    # features + demo text), text (demo text only), none (vanilla fine-tune). AIM's own is fused.
+    demo_design: str = "fused"
+    aim: AIMConfig = field(default_factory=AIMConfig)
+    mmict: MMICTConfig = field(default_factory=MMICTConfig)
+
+
+@dataclass
+class ToyWorldConfig:
+    """Size of the self-made toy world (interleaved docs, a VQA task, a binding task) under data.root."""
+
+    num_docs: int = 3000
+    val_docs: int = 200
+    vqa_train: int = 500
+    vqa_test: int = 300
+    binding_fraction: float = 0.5  # of the web documents that are binding episodes (tuning word pool)
+    binding_episodes: int = 100  # downstream binding episodes (eval word pool)
+    binding_pool_per_class: int = 8  # demo pool images per class and episode
+    binding_queries_per_episode: int = 3
+    n_way: int = 2  # classes per binding episode
+    image_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/toy"
+    # When set, the toy world is written to root (once).
+    toy: Optional[ToyWorldConfig] = field(default_factory=ToyWorldConfig)
+    # Demos per training episode (the DemoSampler callback, data_modules/shots.py): `shots` fixes k; else
+    # `shot_schedule` [[from_step, min, max], ...]; else k ~ uniform[min_shots, max_shots]. Validation: max.
+    min_shots: int = 1
+    max_shots: int = 4
+    shots: Optional[int] = None
+    shot_schedule: Optional[list[list[int]]] = None
+    shots_per: str = "episode"  # episode: each episode draws its k | step: all episodes of a batch share it
+    batch_size: int = 8
+    num_workers: int = 1
+    epoch_size: int = 2000
+    shuffle_buffer: int = 500
+    val_episodes: int = 64
+    # Training episodes: null = cut from the interleaved web corpus (AIM); a downstream task name (e.g. vqav2)
+    # = query and demos drawn from that task's train split (MMICT), validated on `val_split`.
+    task: Optional[str] = None
+    val_split: str = "val"
+    corpus: str = "web"  # the web corpus's folder under root (`mmict data convert mmc4 --out <root>/<corpus>/...`)
+    # Web documents: drop images whose MMC4 image-text similarity is below this (OpenFlamingo: 0.24), and
+    # images whose shorter side is below min_image_size pixels; both counted in the skip report.
+    min_similarity: Optional[float] = None
+    min_image_size: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class FSDPSettings:
+    """`trainer.strategy: fsdp` (mmict/training/fsdp.py): units per transformer block, trainable weights in units
+    of their own."""
+
+    sharding_strategy: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    activation_checkpointing: bool = True  # on the LM's decoder layers
+    # Checkpoints hold the trainable weights + optimizer + loop state only. sharded: one shard per rank, no
+    # gather (consolidate: python -m lightning.pytorch.utilities.consolidate_checkpoint CKPT_DIR); full: one
+    # file on rank 0; auto: sharded when the model has >= sharded_above_params parameters.
+    state_dict_type: str = "auto"
+    sharded_above_params: int = 1_000_000_000
+    cpu_offload: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    precision: str = "32-true"  # a Lightning precision, or auto (bf16-mixed where the GPU has bf16, else 32-true)
+    accelerator: str = "auto"
+    devices: int = 1
+    val_check_interval: int = 100
+    limit_val_batches: int = 8
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    checkpoint_every_n_steps: int = 100
+    progress_bar: bool = True
+    strategy: str = "auto"  # auto (one device; ddp on several) | ddp | fsdp (see trainer.fsdp)
+    num_nodes: int = 1  # SLURM: `mmict sweep` sets it from slurm.nodes
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    offline: bool = True
+    project: str = "mmict"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    group: Optional[str] = None  # W&B group; `mmict sweep` sets it to the sweep id
+
+
+@dataclass
+class RicesConfig:
+    """CLIP image features for RICES demo selection (open_clip), cached on disk per model and pool."""
+
+    model: str = "ViT-B-32"  # open_clip name, hf-hub:org/repo, or local-dir:/path
+    pretrained: Optional[str] = "openai"  # tag or checkpoint file (ignored with hf-hub:/local-dir:)
+    precision: str = "fp32"
+    batch_size: int = 64
+    device: Optional[str] = None  # null: cuda if available
+    download_dir: Optional[str] = None  # open_clip's weights cache (null: the Hugging Face cache)
+    cache_dir: Optional[str] = "data/rices_cache"  # pool features, shared across runs; null: no cache
+
+
+@dataclass
+class BankConfig:
+    """The demonstration bank (mmict/bank.py): each pool demo read by the frozen model once, kept on disk."""
+
+    enabled: bool = True  # AIM's fused demos come from the bank (computed once per backbone, layer, demo)
+    dir: Optional[str] = None  # null: <data.root>/bank
+    store: str = "hidden"  # hidden (reader output: shared by every projector) | fused (keyed by the projector)
+    batch_size: int = 16  # demos read per backbone call while building
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    shots: list[int] = field(default_factory=lambda: [0, 2, 4])
+    num_queries: int = 200
+    seeds: list[int] = field(default_factory=lambda: [0])
+    batch_size: int = 32
+    max_new_tokens: Optional[int] = None  # null: the task's own (short answers 5, captions longer)
+    num_beams: Optional[int] = None  # null: the task's own (greedy for VQA)
+    postprocess: Optional[str] = None  # null: the task's own; or vqa | caption | first_word | none
+    # Demo selection: random (seeded, OpenFlamingo's protocol; in-episode for binding tasks) or rices
+    # (most CLIP-similar pool images, most similar last; the same demos for every seed).
+    selection: str = "random"
+    rices: RicesConfig = field(default_factory=RicesConfig)
+    task: str = "toy_vqa"
+    # how demos are shown at evaluation: fused (the method's own), images (vanilla ICL), text, concat (MMICT's
+    # vanilla ICT), none; null: the method's own (AIM: fused, images, text; MMICT: its demo_design).
+    demo_modes: Optional[list[str]] = None
+    bank: BankConfig = field(default_factory=BankConfig)
+    # Experiments trained and evaluated after this run, on its backbone, data root and evaluation settings;
+    # their rows join this run's table (mmict/companions.py). toy_aim adds MMICT this way.
+    companions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlurmConfig:
+    """Resources of the job arrays `mmict sweep` writes (mmict/slurm.py); one array task per grid point."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 1  # = tasks per node (one process per GPU) = trainer.devices
+    cpus_per_task: int = 8
+    mem: Optional[str] = None  # e.g. 64G; null: the partition's default
+    time: str = "24:00:00"
+    constraint: Optional[str] = None  # e.g. a100|h100
+    max_concurrent: Optional[int] = None  # at most this many array tasks at once (--array=0-N%max)
+    signal_seconds: int = 90  # SIGUSR1 this long before the time limit: Lightning checkpoints and requeues
+    python: str = ".venv/bin/python"  # the interpreter srun starts (after `setup`)
+    setup: list[str] = field(default_factory=list)  # shell lines before srun: module load ..., conda activate ...
+    extra_sbatch: list[str] = field(default_factory=list)  # more options, e.g. ["--exclusive", "--mail-type=FAIL"]
+    log_dir: Optional[str] = None  # null: <sweep folder>/logs
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""  # run name; defaults to the experiment file stem
+    seed: int = 0
+    run_root: str = "runs"  # runs go to <run_root>/<name>/<timestamp>/
+    # A fixed run folder (reused, e.g. by a requeued SLURM task to find its checkpoint); null: a new
+    # timestamped one (under SLURM: <run_root>/<name>/slurm-<job id>, the same on every rank).
+    run_dir: Optional[str] = None
+    # auto: an interrupted run of this same config (unfinished, with a checkpoint) is continued where its last
+    # checkpoint left it, data stream and RNGs included; never: always a new run; or a checkpoint / run folder.
+    resume: str = "auto"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)

@@ -1,0 +1,42 @@
+"""AIM's report beside the methods table: how much of vanilla ICL's gain AIM keeps, and the context it saves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mmict.prompts import MODE_NAMES
+
+
+def aim_vs_icl(rows: Sequence[dict]) -> list[dict]:
+    """Per shot count: the share of vanilla ICL's gain over zero-shot that AIM keeps, and the context saved.
+
+    `recovered` = (AIM - zero-shot) / (vanilla ICL - zero-shot), None when ICL gains nothing;
+    `context_ratio` = vanilla ICL's context tokens / AIM's (whole prompt, query included);
+    `demo_context_ratio` = the same for the demonstrations' tokens alone (prompt minus the zero-shot one).
+    """
+    by = {(r["method"], r["shots"]): r for r in rows}
+    zero = by.get((MODE_NAMES["none"], 0))
+    out = []
+    for k in sorted({r["shots"] for r in rows if r["shots"] > 0}):
+        aim, icl = by.get((MODE_NAMES["fused"], k)), by.get((MODE_NAMES["images"], k))
+        if zero is None or aim is None or icl is None:
+            continue
+        gain = icl["accuracy_mean"] - zero["accuracy_mean"]
+        demo_aim = aim["context_tokens"] - zero["context_tokens"]
+        out.append({
+            "shots": k,
+            "recovered": (aim["accuracy_mean"] - zero["accuracy_mean"]) / gain if gain > 0 else None,
+            "context_ratio": icl["context_tokens"] / aim["context_tokens"],
+            "demo_context_ratio": (icl["context_tokens"] - zero["context_tokens"]) / demo_aim if demo_aim > 0 else None,
+        })
+    return out
+
+
+def aim_vs_icl_markdown(comparison: Sequence[dict]) -> str:
+    lines = ["| shots | AIM's share of vanilla ICL's gain over zero-shot | context tokens, ICL / AIM "
+             "| demo tokens, ICL / AIM |", "|---:|---:|---:|---:|"]
+    for c in comparison:
+        rec = "n/a (ICL gains nothing)" if c["recovered"] is None else f"{100 * c['recovered']:.0f}%"
+        demo = "n/a" if c["demo_context_ratio"] is None else f"{c['demo_context_ratio']:.1f}x"
+        lines.append(f"| {c['shots']} | {rec} | {c['context_ratio']:.1f}x | {demo} |")
+    return "\n".join(lines)

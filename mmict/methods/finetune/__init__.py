@@ -1,0 +1,2 @@
+"""Vanilla fine-tuning: LoRA on the frozen MLLM's language model, no demonstrations (`module.py`).
+"""

@@ -1,0 +1,5 @@
+"""MMICT (Chen et al. 2023, arXiv 2312.06363): a trainable Multi-Modal Hub (M-Hub) feeds a frozen LLM.
+
+- `hub.py`: the M-Hub (InstructBLIP Q-Former with text input, video memory, BLIP-2 initialisation);
+- `module.py`: `MMICTModule`, the LightningModule, with the demo designs fused / concat / text / none.
+"""

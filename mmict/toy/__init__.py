@@ -1,0 +1,12 @@
+"""The toy world: a synthetic world of coloured shapes in which every method of mmict can be trained and
+compared on a CPU in minutes, with nothing downloaded.
+
+- `language.py`: its colours, shapes, positions, text templates and nonsense-word pools (imports nothing of
+  mmict: the evaluation tasks and the data writers both use it);
+- `world.py`: draws the images and writes the web-corpus, VQA and binding shards (`write_toy_world`);
+- `binding.py`: concept-binding episodes (nonsense words bound to images for one episode);
+- `pretrain_data.py`: the stream the toy backbone is pretrained on;
+- `backbone.py`: the tiny LLaVA and its tokenizer, cached on disk with its recipe (`ensure_toy_backbone`);
+- `pretrain.py`: its two-stage pretraining recipe and the probes saved with it;
+- `prepare.py`: `prepare(cfg)`, called by train / eval before anything loads.
+"""

@@ -1,0 +1,140 @@
+"""The toy backbone: a tiny LLaVA (CLIP vision tower + Llama LM) with a word-piece tokenizer.
+
+It is built from configs (no download), saved as an ordinary transformers folder, and then loaded
+through `load_backbone` like any real checkpoint. A marker file records the recipe hash so a stale
+folder is rebuilt (with a warning) and a folder that is not a toy backbone is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmict.toy.language import DEFAULT_ATTRIBUTES, SYLLABLES, binding_vocabulary, toy_vocabulary, word_pools
+
+log = logging.getLogger(__name__)
+
+MARKER = "mmict_toy_backbone.json"
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+RECIPE_VERSION = 4  # 2: syllable word pieces, text warm-up, frozen vision tower; 3: vision stage; 4: grounding
+
+
+def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
+    """A fast tokenizer over the toy vocabulary: whole words, plus word pieces for nonsense words.
+
+    Words split like `\\w+|[^\\w\\s]+`; a word that is not in the vocabulary is cut into `pieces`
+    (longest first, continuations written "##po"), so "dapo" -> "da", "##po" and decodes back to "dapo".
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL_TOKENS + [w for w in vocabulary if w not in SPECIAL_TOKENS]
+    words += [p for p in pieces if p not in words] + [f"##{p}" for p in pieces]
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins pieces, and words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_toy_llava(cfg: Any, vocabulary: list[str], pieces: list[str] = ()) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image_processor) for a tiny random-init LLaVA, deterministic in `cfg.seed`."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    tokenizer = build_tokenizer(vocabulary, pieces)
+    vision = CLIPVisionConfig(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_hidden_size * 4, num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.num_heads, projection_dim=cfg.vision_hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+    )
+    return model, tokenizer, image_processor
+
+
+ARCH_FIELDS = ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
+               "text_layers", "num_heads", "intermediate_size", "max_position_embeddings", "seed")
+PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_text_steps", "pretrain_vision_steps", "pretrain_grounding_weight",
+                   "pretrain_grounding_layer", "pretrain_batch_size", "pretrain_lr")
+
+
+def toy_language() -> tuple[list[str], list[str]]:
+    """(whole words, word pieces) of the toy world: captions, VQA and binding texts, and syllables."""
+
+    return sorted(set(toy_vocabulary() + binding_vocabulary())), list(SYLLABLES)
+
+
+def toy_recipe(cfg: Any) -> dict:
+    """The fields that determine the toy backbone (architecture, language, pretraining) and their hash."""
+
+    keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
+    fields = {k: getattr(cfg, k, 0) for k in keys}
+    words, pieces = toy_language()
+    pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
+    blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,
+                       "binding_attributes": DEFAULT_ATTRIBUTES, "version": RECIPE_VERSION}, sort_keys=True)
+    return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path:
+    """Write the toy backbone to `path` unless an up-to-date one is already there (or `force`)."""
+    path = Path(path)
+    recipe = toy_recipe(cfg)
+    marker = path / MARKER
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old.get("hash") == recipe["hash"] and not force:
+            return path
+        log.warning("toy backbone at %s was built from another recipe (%s != %s): rebuilding it",
+                    path, old.get("hash"), recipe["hash"])
+        shutil.rmtree(path)
+    elif path.exists() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{path} exists and is not a toy backbone (no {MARKER}); refusing to overwrite it. "
+            "Set backbone.toy=null to load it as a real model, or choose another backbone.name_or_path."
+        )
+    model, tokenizer, image_processor = build_toy_llava(cfg, *toy_language())
+    if getattr(cfg, "pretrain_steps", 0):
+        from mmict.backbones.llava import LlavaBackbone
+        from mmict.toy.pretrain import pretrain_toy_backbone
+
+        report = pretrain_toy_backbone(LlavaBackbone(model, tokenizer, image_processor, str(path)), cfg)
+        recipe.update(report)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    marker.write_text(json.dumps(recipe, indent=2))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built toy backbone at %s (%.2f M params, recipe %s)", path, n_params / 1e6, recipe["hash"])
+    return path
