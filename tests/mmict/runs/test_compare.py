@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from mmict.config import load_config, save_config
-from mmict.dependency_lock import LOCK_PATH, sha256
+from mmict.dependency_lock import lock_path, sha256
 from mmict.runs.compare import compare, find_runs, load_run, main, render
 from mmict.train import train_shots, wandb_settings
 
@@ -72,7 +72,7 @@ def test_wandb_gets_group_tags_commit_method_backbone_shots(tmp_path):
     assert run["method"] == "aim" and run["backbone_family"] == "llava" and run["train_shots"] == "4"
     assert run["eval_shots"] == [0, 1, 2, 4, 8] and run["git_commit"]
     # the versions that produced the run, with the dependency lock's hash (dashboards can filter on it)
-    assert run["versions"]["transformers"] and run["versions"]["lock"]["sha256"] == sha256(LOCK_PATH)
+    assert run["versions"]["transformers"] and run["versions"]["lock"]["sha256"] == sha256(lock_path())
     assert settings["config"]["trainer"]["max_steps"] == cfg.trainer.max_steps  # the resolved config
     # one W&B run per run folder: a requeued or resumed run continues it; another folder is another run
     assert settings["id"] == wandb_settings(cfg, tmp_path / "pinned")["id"] and settings["resume"] == "allow"
