@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ class Example:
     task: str
     group: str | None = None  # the episode an example belongs to (binding tasks), from json "episode"
     label: int | None = None  # a binary class (Hateful Memes: 1 = hateful), from json "label" when it is 0/1
+    # The split of the dataset's own release the example came from where a converter merges several into one of
+    # ours (Karpathy's "train" vs "restval" in our coco_caption train split), from json "karpathy_split".
+    source_split: str | None = None
     # The encoded image as stored (a video: its first frame): RICES embeds it with CLIP's own preprocessing.
     image_bytes: bytes | None = field(default=None, repr=False, compare=False)
     frames_bytes: list[bytes] | None = field(default=None, repr=False, compare=False)  # a video's frames
@@ -136,15 +139,37 @@ def decode_example(sample: dict, image_transform: ImageTransform, eager: bool = 
         task=str(meta.get("task", "")),
         group=str(meta["episode"]) if meta.get("episode") is not None else None,
         label=_binary_label(meta),
+        source_split=str(meta["karpathy_split"]) if meta.get("karpathy_split") is not None else None,
     )
 
 
+def _samples(urls: list[str]) -> Iterator[dict]:
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_handler("tar"))))
+
+
 def _examples(urls: list[str], image_transform: ImageTransform) -> Iterator[Example]:
-    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_handler("tar")))
-    for sample in samples:
+    for sample in _samples(urls):
         example = decode_example(sample, image_transform)
         if example is not None:
             yield example
+
+
+def count_samples(urls: list[str]) -> int:
+    """How many samples the shards hold (read, not decoded): what a seeded subset of positions is drawn from."""
+    return sum(1 for _ in _samples(urls))
+
+
+def load_examples_at(urls: list[str], image_transform: ImageTransform, positions: Collection[int]
+                     ) -> dict[int, Example]:
+    """The examples at these sample positions (0-based, in shard order, the file order the converter kept), by
+    position; a corrupt sample at a chosen position is skipped and counted like any other."""
+    wanted, found = set(positions), {}
+    for position, sample in enumerate(_samples(urls)):
+        if position in wanted:
+            example = decode_example(sample, image_transform)
+            if example is not None:
+                found[position] = example
+    return found
 
 
 def load_examples(
@@ -181,6 +206,7 @@ class DownstreamDataModule(L.LightningDataModule):
         query_split: str = "test",
         pool_split: str = "train",
         num_queries: int | None = None,
+        load_queries: bool = True,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -190,6 +216,9 @@ class DownstreamDataModule(L.LightningDataModule):
         self.query_split = query_split
         self.pool_split = pool_split
         self.num_queries = num_queries
+        # False: setup reads the pool only, and the caller picks queries by position (`count_queries`,
+        # `queries_at`): a seeded random subset per trial, as OpenFlamingo's harness draws them.
+        self.load_queries = load_queries
         self.pool: list[Example] = []
         self.pool_by_id: dict[str, Example] = {}
         self.queries: list[Example] = []
@@ -212,4 +241,13 @@ class DownstreamDataModule(L.LightningDataModule):
                 "%s %s split: %d duplicate example ids; pool_by_id keeps the last of each",
                 self.task, self.pool_split, len(self.pool) - len(self.pool_by_id),
             )  # fmt: skip
-        self.queries = load_examples(self.shards(self.query_split), self.image_transform, self.num_queries)
+        if self.load_queries:
+            self.queries = load_examples(self.shards(self.query_split), self.image_transform, self.num_queries)
+
+    def count_queries(self) -> int:
+        """Samples in the query split (corrupt ones included: positions are stable)."""
+        return count_samples(self.shards(self.query_split))
+
+    def queries_at(self, positions: Collection[int]) -> dict[int, Example]:
+        """The query split's examples at these positions (those that decode), by position."""
+        return load_examples_at(self.shards(self.query_split), self.image_transform, positions)

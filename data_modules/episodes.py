@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from mmict.batch import EpisodeBatch
+from mmict.batch import DEMO_SEPARATOR, EpisodeBatch
 
 from .skips import drain_skips
 
@@ -28,7 +28,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def collate_episodes(episodes: list[dict], *, skipped: dict[str, int] | None = None,
-                     demo_ids: list[str] | None = None, demo_sources: list | None = None) -> EpisodeBatch:
+                     demo_ids: list[str] | None = None, demo_sources: list | None = None,
+                     demo_separator: str = DEMO_SEPARATOR) -> EpisodeBatch:
     """Batch episodes into an `EpisodeBatch`; demonstrations are flattened in episode order, ``demo_counts``
     splits them back. The one function that builds a batch: training streams, the evaluation loop and the
     benchmarks all call it.
@@ -41,6 +42,7 @@ def collate_episodes(episodes: list[dict], *, skipped: dict[str, int] | None = N
     ``skipped``: corrupt samples skipped while making these episodes; by default this worker's skip counter is
     drained into the batch (it runs in the DataLoader worker that decoded them, and the main process sums them).
     ``demo_ids`` / ``demo_sources``: what identifies each demo (flattened), where the caller knows it.
+    ``demo_separator``: what follows each demo's text in the prompt (the evaluation protocol's).
     """
     if not episodes:
         raise ValueError("collate_episodes needs at least one episode")
@@ -52,7 +54,7 @@ def collate_episodes(episodes: list[dict], *, skipped: dict[str, int] | None = N
         query_prompts=[episode["query_prompt"] for episode in episodes],
         query_targets=[episode["query_target"] for episode in episodes],
         sources=[episode.get("source", "") for episode in episodes],
-        demo_ids=demo_ids, demo_sources=demo_sources,
+        demo_ids=demo_ids, demo_sources=demo_sources, demo_separator=demo_separator,
         skipped=drain_skips() if skipped is None else skipped,
     )
 

@@ -19,6 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+# What follows each demo's text in a prompt unless a batch says otherwise: one space, so word-level text does not
+# glue to what comes next. The evaluation protocol may set another (OpenFlamingo's: "<|endofchunk|>\n").
+DEMO_SEPARATOR = " "
+
 
 @dataclass
 class EpisodeBatch:
@@ -34,6 +38,7 @@ class EpisodeBatch:
     skipped: dict[str, int] = field(default_factory=dict)
     step: int | None = None  # the global batch index in the stream (the shot policy's schedule)
     resume: dict[str, Any] | None = None  # the stream position after this batch (exact resume)
+    demo_separator: str = DEMO_SEPARATOR  # after each demo's text (mmict.eval.protocol: per protocol and model)
 
     def __post_init__(self) -> None:
         n = len(self.query_targets)
@@ -66,4 +71,4 @@ class EpisodeBatch:
         )
 
 
-__all__ = ["EpisodeBatch"]
+__all__ = ["DEMO_SEPARATOR", "EpisodeBatch"]

@@ -74,7 +74,7 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: Eval
         if not summary.get("eval"):
             log.warning("companion %s was not evaluated (eval.enabled=false in it?): it adds no rows", name)
         rows = merge_rows(rows, name, summary.get("eval") or [])
-    report = report_markdown(rows, outcome.chance, outcome.metric)
+    report = report_markdown(rows, outcome.chance, outcome.metric, outcome.how)
     payload = {"task": cfg.eval.task, "metric": outcome.metric, "chance": outcome.chance, "summary": rows,
                "companion_runs": runs}
     json_path = unique_path(eval_dir / "methods.json")
@@ -84,4 +84,4 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: Eval
     png_path = plot_score_vs_shots(rows, unique_path(eval_dir / "methods_vs_shots.png"), metric=outcome.metric,
                                    chance=outcome.chance, title=f"{cfg.name} + {', '.join(runs)}: {cfg.eval.task}")
     log.info("wrote %s, %s, %s", json_path, md_path, png_path)
-    return EvalOutcome(rows, report, outcome.chance, outcome.metric), runs
+    return EvalOutcome(rows, report, outcome.chance, outcome.metric, outcome.how), runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,18 +68,29 @@ DASHES = ("-", "--", ":", "-.")
 
 def plot_score_vs_shots(rows: Sequence[dict], out_png: str | Path, metric: str = "accuracy",
                         chance: float | None = None, title: str | None = None) -> Path:
-    """One line per method, each starting from the zero-shot point; mean +- std over seeds; chance dashed."""
+    """One line per method, each starting from the zero-shot point; mean +- spread over seeds; chance dashed.
+    Rows without a score (over the LM's context) are not drawn; the legend names the shot counts they miss."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    missing: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("accuracy_mean") is None:
+            missing.setdefault(r["method"], []).append(r["shots"])
+    rows = [{**r, "accuracy_std": 0.0 if math.isnan(r["accuracy_std"]) else r["accuracy_std"]}
+            for r in rows if r.get("accuracy_mean") is not None]
     zero = [r for r in rows if r["shots"] == 0]
-    methods = sorted({r["method"] for r in rows if r["shots"] > 0})
+    methods = sorted({r["method"] for r in rows if r["shots"] > 0} | {m for m, ks in missing.items() if max(ks) > 0})
     for i, method in enumerate(methods):
         pts = sorted((r["shots"], 100 * r["accuracy_mean"], 100 * r["accuracy_std"]) for r in rows
                      if r["method"] == method)
         pts = [(0, 100 * zero[0]["accuracy_mean"], 100 * zero[0]["accuracy_std"])] + pts if zero else pts
+        label = method + (f" (over context at {sorted(missing[method])} shots)" if method in missing else "")
+        if not pts:
+            ax.plot([], [], marker=MARKERS[i % len(MARKERS)], linestyle="none", label=label)
+            continue
         xs, ys, es = zip(*pts)
         # Its own marker and dash per method, so methods with equal scores stay visible on top of each other.
         ax.errorbar(xs, ys, yerr=es, marker=MARKERS[i % len(MARKERS)], linestyle=DASHES[i % len(DASHES)],
-                    markersize=max(9 - 1.5 * i, 3), capsize=3, label=method)
+                    markersize=max(9 - 1.5 * i, 3), capsize=3, label=label)
     if zero and not methods:  # only zero-shot was evaluated: one point
         ax.errorbar([0], [100 * zero[0]["accuracy_mean"]], yerr=[100 * zero[0]["accuracy_std"]], marker="o",
                     capsize=3, label=zero[0]["method"])
@@ -101,7 +113,8 @@ def plot_cost_vs_shots(rows: Sequence[dict], out_png: str | Path, title: str | N
     fig, (ax_ctx, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.5))
     methods = sorted({r["method"] for r in rows})
     for method in methods:
-        pts = sorted((r["shots"], r["context_tokens"], r.get("peak_memory_mb")) for r in rows if r["method"] == method)
+        pts = sorted((r["shots"], r["context_tokens"], r.get("peak_memory_mb")) for r in rows
+                     if r["method"] == method and r.get("context_tokens") is not None)  # None: not run
         xs = [p[0] for p in pts]
         ax_ctx.plot(xs, [p[1] for p in pts], marker="o", label=method)
         mem = [(x, m) for x, _, m in pts if m is not None]

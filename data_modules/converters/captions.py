@@ -90,7 +90,9 @@ def _caption_sample(record: dict, path: Path, task: str, id_: str, image_id: Any
     image = read_image_file(path, ctx)
     if image is None:
         return None
-    meta = {"id": id_, "task": task, "captions": captions, "image_id": image_id}
+    # Karpathy's own split of the image ("train" or "restval" in our train split): OpenFlamingo's harness draws
+    # caption demos from "train" only (eval_datasets.py CaptionDataset, line 29), the eval protocol filters by it.
+    meta = {"id": id_, "task": task, "captions": captions, "image_id": image_id, "karpathy_split": record.get("split")}
     return example_sample(safe_key(id_), meta, image)
 
 

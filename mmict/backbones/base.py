@@ -8,6 +8,7 @@ a family adapter only says how to embed images and tokens and where its parts ar
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
+from mmict.backbones.context import lm_max_positions
 from mmict.segments import Embeds, Image, Pixels, Prompt, Segment, Text
 
 IGNORE_INDEX = -100  # label value the cross-entropy skips (transformers' convention)
@@ -112,6 +114,12 @@ class Backbone(nn.Module):
     def image_tokens_per_image(self) -> int:
         """Positions one image takes in the prompt (for dynamic-resolution families: at the default size)."""
         raise NotImplementedError
+
+    def image_token_count(self, pixels: Pixels) -> int:
+        """LM positions one `Image(pixels)` takes in `assemble` (what `embed_images` gives it), without running the
+        vision tower. Fixed-resolution families (LLaVA-1.5, BLIP-2): always `image_tokens_per_image`; families whose
+        count depends on the image (AnyRes tiles, crops, native resolution) compute it from the pixels' metadata."""
+        return self.image_tokens_per_image
 
     @property
     def language_model(self) -> nn.Module:
@@ -269,6 +277,52 @@ class Backbone(nn.Module):
         body = [seg for seg in prompt if not (isinstance(seg, Text) and seg.target)]
         target = [seg for seg in prompt if isinstance(seg, Text) and seg.target]
         return [Text(prefix)] * bool(prefix) + body + [Text(suffix)] * bool(suffix) + target
+
+    # ---- views of an image (vanilla ICL may show demos at the base view only) -------------------
+    @property
+    def has_multi_view(self) -> bool:
+        """Whether an image is seen as a base view plus extra views (AnyRes tiles, crops), so `base_view_transform`
+        gives fewer tokens than `image_transform`."""
+        return False
+
+    @property
+    def base_view_transform(self) -> ImageTransform:
+        """An image transform (same call as `image_transform`) giving the model's base view only: one image at the
+        vision tower's resolution, without the extra tiles or crops. Fixed-resolution families (LLaVA-1.5, BLIP-2)
+        have only that view, so it is `image_transform` itself."""
+        return self.image_transform
+
+    # ---- context length -------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's usable context in tokens: `max_position_embeddings` of its config, or its attention's
+        sliding window where that is smaller and in use; None where the LM has no hard limit. Compare `count_tokens`
+        (or `Assembled.context_tokens`) with it before running the LM."""
+        return lm_max_positions(self.config)[0]
+
+    @property
+    def max_positions_source(self) -> str:
+        """Where `max_positions` came from, for reports (e.g. "text_config.max_position_embeddings=4096")."""
+        return lm_max_positions(self.config)[1]
+
+    def count_tokens(self, prompt: Prompt, image_tokens: Callable[[Pixels], int] | None = None,
+                     add_bos: bool = True) -> int:
+        """What `assemble([prompt], add_bos=add_bos).context_tokens[0]` would be, from tokenisation alone: no vision
+        tower, no LM. `image_tokens` counts an Image segment's positions (default: `image_token_count`); a caller may
+        pass its own, e.g. over placeholder pixels it has counted before."""
+        count_image = image_tokens or self.image_token_count
+        texts = [seg for seg in prompt if isinstance(seg, Text)]
+        # As assemble: tokens without special tokens, + EOS after a text that ends with one.
+        total = sum(len(ids) + seg.ends_with_eos for ids, seg in zip(self.tokenize([t.text for t in texts]), texts))
+        total += int(add_bos and self.bos_token_id is not None)
+        for seg in prompt:
+            if isinstance(seg, Image):
+                total += int(count_image(seg.pixels))
+            elif isinstance(seg, Embeds):
+                total += int(seg.embeds.shape[0])
+            elif not isinstance(seg, Text):
+                raise TypeError(f"not a segment: {type(seg).__name__} (use Text, Image or Embeds)")
+        return total
 
     # ---- assembly -----------------------------------------------------------------------------
     def assemble(

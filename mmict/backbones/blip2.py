@@ -27,13 +27,14 @@ although BLIP-2 was pretrained with one image per text; this is logged once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from mmict.backbones.base import IGNORE_INDEX, Assembled, Backbone
-from mmict.segments import Embeds, Image, Prompt, Text
+from mmict.segments import Embeds, Image, Pixels, Prompt, Text
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ class Blip2Backbone(Backbone):
     @property
     def image_tokens_per_image(self) -> int:
         return self.config.num_query_tokens
+
+    def count_tokens(self, prompt: Prompt, image_tokens: Callable[[Pixels], int] | None = None,
+                     add_bos: bool = True) -> int:
+        """OPT: as the base (BOS moves behind a leading image but still counts once). Flan-T5: what goes to the
+        *encoder*, as `context_tokens` counts it: the non-target segments + the encoder EOS (`add_bos`); the target
+        is decoded, not attended over as context."""
+        if not self.is_encoder_decoder:
+            return super().count_tokens(prompt, image_tokens, add_bos)
+        encoder, _ = self._split_target(prompt)
+        return super().count_tokens(encoder, image_tokens, add_bos=False) + int(add_bos)
 
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
@@ -133,15 +144,9 @@ class Blip2Backbone(Backbone):
         encoder_prompts: list[Prompt] = []
         targets: list[list[Text]] = []
         for prompt in prompts:
-            first = next((i for i, s in enumerate(prompt) if isinstance(s, Text) and s.target), len(prompt))
-            tail = prompt[first:]
-            if not all(isinstance(s, Text) and s.target for s in tail):
-                raise ValueError(
-                    "BLIP-2 with an encoder-decoder LM (Flan-T5) decodes the target: target Text segments must "
-                    f"come last in the prompt, got {[type(s).__name__ for s in prompt]} with a target at {first}"
-                )
-            encoder_prompts.append([*prompt[:first], eos] if eos is not None else list(prompt[:first]))
-            targets.append(tail)  # type: ignore[arg-type]
+            encoder, tail = self._split_target(prompt)
+            encoder_prompts.append([*encoder, eos] if eos is not None else encoder)
+            targets.append(tail)
         out = super().assemble(encoder_prompts, padding_side, add_bos=False)
 
         flat = [t for ts in targets for t in ts]
@@ -165,6 +170,18 @@ class Blip2Backbone(Backbone):
             spans.append(kept + [(end, end)] * len(ts))  # targets live in the decoder: empty encoder spans
         out.spans = spans
         return out
+
+    @staticmethod
+    def _split_target(prompt: Prompt) -> tuple[Prompt, list[Text]]:
+        """(encoder segments, target segments) of an encoder-decoder prompt: the targets must come last."""
+        first = next((i for i, s in enumerate(prompt) if isinstance(s, Text) and s.target), len(prompt))
+        tail = prompt[first:]
+        if not all(isinstance(s, Text) and s.target for s in tail):
+            raise ValueError(
+                "BLIP-2 with an encoder-decoder LM (Flan-T5) decodes the target: target Text segments must "
+                f"come last in the prompt, got {[type(s).__name__ for s in prompt]} with a target at {first}"
+            )
+        return list(prompt[:first]), tail  # type: ignore[return-value]
 
     def _note_multi_image(self, prompts: list[Prompt]) -> None:
         if self._logged_multi_image:

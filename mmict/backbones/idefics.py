@@ -26,6 +26,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 from mmict.backbones.base import Backbone, ImageTransform
+from mmict.segments import Pixels
 
 FAKE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
@@ -38,8 +39,15 @@ class IdeficsImageTransform(ImageTransform):
 
     row_col_info = False
 
+    def __init__(self, image_processor: Any, image_splitting: bool | None = None) -> None:
+        super().__init__(image_processor)
+        # None: the processor's own `do_image_splitting`; False: the whole image only (the base view).
+        self.image_splitting = image_splitting
+
     def __call__(self, image: PILImage.Image) -> dict[str, torch.Tensor]:
         kwargs: dict[str, Any] = {"return_row_col_info": True} if self.row_col_info else {}
+        if self.image_splitting is not None:
+            kwargs["do_image_splitting"] = self.image_splitting
         out = self.image_processor(images=image.convert("RGB"), return_tensors="pt", **kwargs)
         pixels = out["pixel_values"][0]
         mask = out.get("pixel_attention_mask")
@@ -87,6 +95,24 @@ class _IdeficsBackbone(Backbone):
     @property
     def image_tokens_per_image(self) -> int:
         return self._tokens_at_default_size
+
+    def image_token_count(self, pixels: Pixels) -> int:
+        """The length of the image's tokenized layout (wrapper tokens + `<image>` per crop), which `embed_images`
+        fills: it depends on the crop count (Idefics2) or the split's rows and cols (Idefics3)."""
+        if not isinstance(pixels, dict):
+            raise TypeError(f"{self.family} images are dicts of the processor's outputs: preprocess them with "
+                            "backbone.image_transform")
+        return len(self._layout_ids(self.image_layout(pixels)))
+
+    @property
+    def has_multi_view(self) -> bool:
+        return bool(getattr(self.image_processor, "do_image_splitting", False))
+
+    @cached_property
+    def base_view_transform(self) -> ImageTransform:
+        """The processor without image splitting: the whole image alone (Idefics2: 1 crop instead of 4 + 1;
+        Idefics3: the global view, without the row/col tiles)."""
+        return self.image_transform_class(self.image_processor, image_splitting=False)
 
     @cached_property
     def _tokens_at_default_size(self) -> int:

@@ -52,8 +52,25 @@ class Qwen2VLBackbone(Backbone):
 
     @cached_property
     def _tokens_at_default_size(self) -> int:
-        grid = self.image_transform(PILImage.new("RGB", (DEFAULT_IMAGE_SIDE, DEFAULT_IMAGE_SIDE)))["image_grid_thw"]
-        return int(grid.prod()) // self._merge**2 + 2  # + <|vision_start|>, <|vision_end|>
+        side = DEFAULT_IMAGE_SIDE
+        return self.image_token_count(self.image_transform(PILImage.new("RGB", (side, side))))
+
+    def image_token_count(self, pixels: Pixels) -> int:
+        """From the patch grid: t*h*w patches merged merge x merge into one token each, + <|vision_start|> and
+        <|vision_end|> (what `embed_images` wraps them in)."""
+        if not (isinstance(pixels, dict) and "image_grid_thw" in pixels):
+            raise TypeError(f"{self.family} images need `image_grid_thw`: preprocess them with "
+                            "backbone.image_transform")
+        return int(pixels["image_grid_thw"].prod()) // self._merge**2 + 2
+
+    @property
+    def base_view_transform(self) -> ImageTransform:
+        raise ValueError(
+            f"backbone.family={self.family} has no base view: it sees every image once, whole, at its native "
+            "resolution (no base image + tiles to drop), so eval.demo_image_view: base does not apply; set "
+            "eval.demo_image_view: full for this family (bound its image tokens with the image processor's max_pixels "
+            "instead)"
+        )
 
     @property
     def image_tokens_per_image(self) -> int:

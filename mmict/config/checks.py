@@ -38,6 +38,7 @@ from mmict.config.schema import (
     STRATEGIES,
     ExperimentConfig,
 )
+from mmict.eval.protocol import DEMO_IMAGE_VIEWS, OVER_CONTEXT, PROTOCOL_NAMES, VQA_SCORINGS, ZERO_SHOT_MODES
 from mmict.eval.tasks import TASKS  # the one task table
 from mmict.methods import METHOD_NAMES as METHODS  # the registry is the one list of method names
 
@@ -171,6 +172,16 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         raise _choice_error("eval.selection", cfg.eval.selection, SELECTIONS, origin)
     if cfg.eval.bank.store not in BANK_STORES:
         raise _choice_error("eval.bank.store", cfg.eval.bank.store, BANK_STORES, origin)
+    for key, allowed in (("eval.protocol", PROTOCOL_NAMES), ("eval.zero_shot", ZERO_SHOT_MODES),
+                         ("eval.demo_image_view", DEMO_IMAGE_VIEWS), ("eval.over_context", OVER_CONTEXT),
+                         ("eval.vqa_scoring", VQA_SCORINGS)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            raise _choice_error(key, value, allowed, origin)
+    for key in ("eval.num_queries", "eval.demo_pool_size", "eval.num_beams", "eval.max_new_tokens"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {at(key)} must be >= 1 (or null: the protocol's)")
     if cfg.eval.bank.batch_size < 1:
         raise ConfigError(f"config key {at('eval.bank.batch_size')} must be >= 1")
     if cfg.data.task is not None and cfg.data.task not in TASKS:

@@ -240,8 +240,10 @@ class LoggerConfig:
 class RicesConfig:
     """CLIP image features for RICES demo selection (open_clip), cached on disk per model and pool."""
 
-    model: str = "ViT-B-32"  # open_clip name, hf-hub:org/repo, or local-dir:/path
-    pretrained: Optional[str] = "openai"  # tag or checkpoint file (ignored with hf-hub:/local-dir:)
+    # open_clip name, hf-hub:org/repo, or local-dir:/path; null: the protocol's (openflamingo: ViT-L-14 / openai,
+    # OpenFlamingo's --rices_vision_encoder_path default; mmict: ViT-B-32 / openai)
+    model: Optional[str] = None
+    pretrained: Optional[str] = None  # tag or checkpoint file (ignored with hf-hub:/local-dir:); null: the protocol's
     precision: str = "fp32"
     batch_size: int = 64
     device: Optional[str] = None  # null: cuda if available
@@ -262,12 +264,33 @@ class BankConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True
+    # The named preset that pins every setting that moves a number (mmict/eval/protocol.py, docs/evaluation.md):
+    # openflamingo (OpenFlamingo's harness, point by point) or mmict (this framework's earlier protocol). Settings
+    # below left null take the protocol's value; one set otherwise is applied and named in every table.
+    protocol: str = "mmict"
     shots: list[int] = field(default_factory=lambda: [0, 2, 4])
-    num_queries: int = 200
+    # Queries per trial (null: the whole test split): openflamingo draws a seeded random subset per seed (its
+    # --num_samples), mmict takes the first N in file order.
+    num_queries: Optional[int] = 200
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_size: int = 32
-    max_new_tokens: Optional[int] = None  # null: the task's own (short answers 5, captions longer)
-    num_beams: Optional[int] = None  # null: the task's own (greedy for VQA)
+    max_new_tokens: Optional[int] = None  # null: the protocol's (openflamingo: VQA 5, TextVQA 10, captions 20)
+    num_beams: Optional[int] = None  # null: the protocol's (openflamingo: 3; mmict: greedy VQA, 3 for captions)
+    length_penalty: Optional[float] = None  # null: the protocol's (openflamingo: 0.0; mmict: the model's default)
+    # What 0 shots shows: text_demos (OpenFlamingo's: 2 text-only demos), none (no demos), both; null: the protocol's
+    zero_shot: Optional[str] = None
+    # Random demos come from a fixed random subset of this many train examples per seed; null: the protocol's
+    # (openflamingo: 2048, its --query_set_size; mmict: the whole train split)
+    demo_pool_size: Optional[int] = None
+    # Demo images at the model's full view, or at its base view (no AnyRes tiles / Idefics splitting; the query
+    # keeps its full view) so more shots fit the context window.
+    demo_image_view: str = "full"
+    # A trial whose longest prompt (plus the answer) exceeds the LM's positions: skip (not run, reported as "over
+    # context") or run (scored, flagged, and still left out of AIM-vs-ICL ratios).
+    over_context: str = "skip"
+    # VQA accuracy's leave-one-out: official (one answer left out by position) or openflamingo (VizWiz and TextVQA:
+    # equal answers left out together, as OpenFlamingo's id-less answer files make it); null: the protocol's.
+    vqa_scoring: Optional[str] = None
     postprocess: Optional[str] = None  # null: the task's own; or vqa | caption | first_word | none
     # Demo selection: random (seeded, OpenFlamingo's protocol; in-episode for binding tasks) or rices
     # (most CLIP-similar pool images, most similar last; the same demos for every seed).

@@ -126,7 +126,8 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     An answer is dropped **by position**, as the official code does (its answers carry unique ``answer_id``s, so its
     ``item != gtAnsDatum`` removes exactly one). OpenFlamingo compares answer dicts that, for VizWiz and TextVQA,
     lack ids, so removing one answer removes every equal answer with it: a prediction that matches 2 of 10 answers
-    scores 0.533 there instead of 0.6, which under-scores VizWiz. We do not reproduce that.
+    scores 0.533 there instead of 0.6, which under-scores VizWiz. The `openflamingo` evaluation protocol reproduces
+    that (`vqa_accuracy_openflamingo`); this is the official rule.
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
@@ -135,6 +136,19 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     total = sum(matches)
     # Dropping answer i leaves total - matches[i] matching answers among the others.
     return sum(min(1.0, (total - m) / 3.0) for m in matches) / len(answers)
+
+
+def vqa_accuracy_openflamingo(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy as OpenFlamingo's vqa_metric.py computes it on answer files without answer ids (its VizWiz and
+    TextVQA files): `otherGTAns = [item for item in answers if item != gtAnsDatum]` (lines 421-423) compares answer
+    dicts that differ only by their text, so leaving one answer out leaves out every equal answer with it. A prediction
+    matching 2 of 10 answers scores 8/10 * 2/3 = 0.533 instead of 0.6. The `openflamingo` protocol scores VizWiz and
+    TextVQA this way, to stand next to OpenFlamingo's numbers; `vqa_accuracy` is the official rule."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_vqa_answer(prediction)
+    norm = [normalize_vqa_answer(a) for a in answers]
+    return sum(min(1.0, sum(o == pred for o in norm if o != a) / 3.0) for a in norm) / len(norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,8 +285,11 @@ def okvqa_stem(text: str, nltk_data_dir: str | os.PathLike[str] | None = None) -
 
 
 def okvqa_postprocess(prediction: str, nltk_data_dir: str | os.PathLike[str] | None = None) -> str:
-    """OpenFlamingo's postprocess_ok_vqa_generation: cut at the first "Question"/"Answer"/"Short", then stem."""
-    return okvqa_stem(_OKVQA_SPLIT.split(prediction, maxsplit=1)[0], nltk_data_dir)
+    """OpenFlamingo's postprocess_ok_vqa_generation (open_flamingo/eval/ok_vqa_utils.py, lines 211-215): cut at
+    the first "Question"/"Answer"/"Short", then at the first ", " (so "dogs, cats" is scored as "dog"), then stem."""
+    prediction = _OKVQA_SPLIT.split(prediction, maxsplit=1)[0]
+    prediction = prediction.split(", ", 1)[0]  # ok_vqa_utils.py line 213: re.split(", ", prediction, 1)[0]
+    return okvqa_stem(prediction, nltk_data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,8 +395,9 @@ def caption_metrics(
     "closest" reference length, METEOR 1.5 via Java, ROUGE-L with beta 1.2, CIDEr-D), keys "BLEU-1".."BLEU-4",
     "METEOR", "ROUGE-L", "CIDEr".
 
-    SPICE is left out: pycocoevalcap's SPICE downloads Stanford CoreNLP models at its first use, which fails on an
-    offline machine. Without Java (tokenizer "auto"), the tokenisation falls back as in ``cider`` and METEOR is NaN.
+    "SPICE" is added where pycocoevalcap's Stanford CoreNLP jars are installed (`spice_available`): its SPICE
+    would otherwise download them at first use, which fails on an offline machine, so it is not run then. Without
+    Java (tokenizer "auto"), the tokenisation falls back as in ``cider`` and METEOR is NaN.
     """
     mode = _resolve_tokenizer(tokenizer)
     gts, res = _tokenize_captions(predictions, references, mode)
@@ -400,7 +418,25 @@ def caption_metrics(
         out["METEOR"] = math.nan
     out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = _cider_scores(gts, res)[0]
+    if spice_available():
+        from pycocoevalcap.spice.spice import Spice
+
+        out["SPICE"] = float(Spice().compute_score(gts, res)[0])
     return out
+
+
+def spice_available() -> bool:
+    """Java and the Stanford CoreNLP jars pycocoevalcap's SPICE needs (get_stanford_models.py fetches them from the
+    internet when missing; they are looked for, never downloaded)."""
+    if not _java_available():
+        return False
+    from importlib.util import find_spec
+
+    spec = find_spec("pycocoevalcap")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    lib = Path(next(iter(spec.submodule_search_locations))) / "spice" / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").is_file() and (lib / "stanford-corenlp-3.6.0-models.jar").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -10,17 +11,20 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_modules.downstream import DownstreamDataModule
+from data_modules.downstream import DownstreamDataModule, Example
 from mmict.eval.loop import (
+    SeedPlan,
     as_dicts,
     chance_rate,
     evaluate,
     markdown_table,
     summary_rows,
 )
+from mmict.eval.metrics import vqa_accuracy_openflamingo
 from mmict.eval.postprocess import get_postprocessor
+from mmict.eval.protocol import ID_LESS_VQA_TASKS, ResolvedProtocol, end_of_chunk, resolve
 from mmict.eval.selection import DemoSelector
-from mmict.eval.tasks import get_task
+from mmict.eval.tasks import Task, get_task
 from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown
 from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
 from mmict.runs.folders import unique_path, write_text_unique
@@ -34,60 +38,151 @@ class EvalOutcome(NamedTuple):
     report: str  # the table (and AIM vs vanilla ICL) as markdown
     chance: float | None  # the rate of answering with a random demo's answer (episodic tasks)
     metric: str
+    how: list[str] = []  # how the numbers were made (protocol, shots, trials, queries, selection, decoding, view)
 
 
-def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: str = "eval") -> None:
-    """The summary as a W&B table and the plots as images, so runs compare side by side on a dashboard."""
+def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: str = "eval",
+                 settings: dict[str, Any] | None = None) -> None:
+    """The summary as a W&B table (with the protocol's label and settings as columns, so a dashboard never puts
+    rows made differently side by side unawares), the protocol in the run's config, and the plots as images."""
     import wandb
 
-    columns = list(rows[0]) if rows else []
-    run.log({f"{prefix}/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows]),
+    settings = settings or {}
+    if settings:
+        run.config.update({f"{prefix}_protocol": settings}, allow_val_change=True)
+    table_rows = [{**{k: v for k, v in r.items() if k != "metrics"}, **r.get("metrics", {}),
+                   "protocol": settings.get("label", ""), "decoding": json.dumps(settings.get("decoding")),
+                   "demo_image_view": settings.get("demo_image_view", "")} for r in rows]
+    columns = list(dict.fromkeys(c for r in table_rows for c in r))
+    run.log({f"{prefix}/results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in table_rows]),
              **{f"{prefix}/{name}": wandb.Image(str(path)) for name, path in images.items()}})
 
 
-def attach_bank(module, cfg: DictConfig):
-    """The demonstration bank of `eval.bank` on a module that reads demos (AIM), when enabled; else None."""
+def attach_bank(module, cfg: DictConfig, view: str = "full"):
+    """The demonstration bank of `eval.bank` on a module that reads demos (AIM), when enabled; else None. Demos read
+    at the base view are other readings than at the full view: they get their own pool name."""
     bank_cfg = cfg.eval.bank
     if not bank_cfg.enabled or not hasattr(module, "attach_bank") or "fused" not in module.eval_demo_modes():
         return None
     root = Path(bank_cfg.dir) if bank_cfg.dir else Path(cfg.data.root) / "bank"
-    return module.attach_bank(root, store=bank_cfg.store, pool=f"{cfg.eval.task}-train", batch_size=bank_cfg.batch_size)
+    pool = f"{cfg.eval.task}-train" + ("" if view == "full" else f"-{view}-view")
+    return module.attach_bank(root, store=bank_cfg.store, pool=pool, batch_size=bank_cfg.batch_size)
+
+
+# Tasks whose converter merges Karpathy's restval into our train split (data_modules/converters/captions.py).
+_RESTVAL_TASKS = ("coco_caption",)
+
+
+def caption_pool(pool: list[Example], protocol: ResolvedProtocol, task: Task) -> list[Example]:
+    """The caption demo pool the protocol asks for: Karpathy "train" only (openflamingo) or with "restval"."""
+    if task.style != "caption" or protocol.caption_pool != "train":
+        return pool
+    unknown = [ex.id for ex in pool if ex.source_split is None]
+    if unknown and task.name in _RESTVAL_TASKS:
+        raise ValueError(
+            f"eval.protocol={protocol.name} draws {task.name} demos from Karpathy's train split only, but "
+            f"{len(unknown)} pool examples (e.g. {unknown[0]}) do not record their Karpathy split (converted before "
+            "mmict wrote 'karpathy_split'). Fix: convert the train split again (`mmict data convert "
+            f"{task.name} ...`, docs/data.md), or use eval.protocol=mmict (train + restval)")
+    kept = [ex for ex in pool if ex.source_split != "restval"]
+    log.info("%s demo pool: %d Karpathy train examples (%d restval left out, as OpenFlamingo's harness)",
+             task.name, len(kept), len(pool) - len(kept))
+    return kept
+
+
+def at_view(examples: list[Example], transform) -> list[Example]:
+    """The same examples, decoding their images with `transform` (demo images at the base view)."""
+    out = []
+    for ex in examples:
+        if ex.image_bytes is None and not ex.frames_bytes:
+            raise ValueError(f"example {ex.id} holds a preprocessed image only: eval.demo_image_view=base needs the "
+                             "encoded image (examples read from shards keep it)")
+        view = copy.copy(ex)
+        view.transform = transform
+        out.append(view)
+    return out
+
+
+def seed_plans(dm: DownstreamDataModule, pool: list[Example], protocol: ResolvedProtocol, seeds: list[int],
+               random_demos: bool) -> tuple[dict[int, SeedPlan], dict[str, Any]]:
+    """Each trial seed's queries and demo pool as the protocol draws them, and what was drawn (for results.json)."""
+    plans, record = {}, {}
+    if protocol.query_subset == "first":
+        for seed in seeds:
+            _, pool_pos = protocol.subsets(seed, len(dm.queries), len(pool), random_demos)
+            plans[seed] = SeedPlan(list(dm.queries), [pool[i] for i in pool_pos])
+            record[seed] = {"num_queries": len(dm.queries), "pool_size": len(pool_pos), "query_subset": "first N"}
+        return plans, record
+    n_test = dm.count_queries()
+    drawn = {seed: protocol.subsets(seed, n_test, len(pool), random_demos) for seed in seeds}
+    loaded = dm.queries_at({p for q_pos, _ in drawn.values() for p in q_pos})
+    for seed, (q_pos, pool_pos) in drawn.items():
+        queries = [loaded[p] for p in q_pos if p in loaded]
+        if len(queries) < len(q_pos):
+            log.warning("seed %d: %d of the %d drawn queries did not decode and were skipped (see the skip report)",
+                        seed, len(q_pos) - len(queries), len(q_pos))
+        plans[seed] = SeedPlan(queries, [pool[i] for i in pool_pos])
+        record[seed] = {"num_queries": len(queries), "drawn_from": n_test, "pool_size": len(pool_pos),
+                        "query_subset": "seeded random", "query_positions": q_pos}
+    return plans, record
 
 
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
              wandb_run: Any = None) -> EvalOutcome:
-    """Shots x seeds x demo modes on `cfg.eval.task`; writes results.json, results.md, score_vs_shots.png and
-    cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given.
+    """Shots x seeds x demo modes on `cfg.eval.task` under `cfg.eval.protocol`; writes results.json, results.md,
+    score_vs_shots.png and cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given.
 
     Returns the summary rows and the report (markdown), with the chance rate and metric they are read against."""
     ev = cfg.eval
     task = get_task(ev.task)
     if ev.postprocess:
         task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
+    backbone = module.backbone
+    protocol = resolve(ev, task, selection=ev.selection, eoc=end_of_chunk(backbone.tokenizer))
+    if protocol.vqa_scoring == "openflamingo" and task.name in ID_LESS_VQA_TASKS:
+        task = dataclasses.replace(task, score=vqa_accuracy_openflamingo)
+    # Checked before any data is read: a family without a base view refuses eval.demo_image_view=base.
+    demo_transform = backbone.base_view_transform if protocol.demo_image_view == "base" else None
     dm = DownstreamDataModule(cfg.data.root, folder=task.folder, task=task.name,
-                              image_transform=module.backbone.image_transform, num_queries=ev.num_queries)
+                              image_transform=backbone.image_transform, num_queries=ev.num_queries,
+                              load_queries=protocol.query_subset == "first")
     dm.setup("test")
-    bank = attach_bank(module, cfg)
-    results = evaluate(module, dm.queries, dm.pool, shots=list(ev.shots), seeds=list(ev.seeds),
+    pool = caption_pool(dm.pool, protocol, task)
+    if demo_transform is not None:
+        pool = at_view(pool, demo_transform)
+    bank = attach_bank(module, cfg, protocol.demo_image_view)
+    random_demos = ev.selection == "random" and not task.episodic
+    plans, drawn = seed_plans(dm, pool, protocol, list(ev.seeds), random_demos)
+    rices = None
+    if ev.selection == "rices":
+        rices = {**OmegaConf.to_container(ev.rices), "model": protocol.rices_model,
+                 "pretrained": protocol.rices_pretrained}
+    results = evaluate(module, [], pool, shots=list(ev.shots), seeds=list(ev.seeds),
                        demo_modes=module.eval_demo_modes(), task=task, batch_size=ev.batch_size,
-                       max_new_tokens=ev.max_new_tokens, num_beams=ev.num_beams, selection=ev.selection,
-                       rices=OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None)
-    rows = summary_rows(results, labels=module.mode_labels)
-    chance = chance_rate(dm.queries, DemoSelector(dm.pool, episodic=task.episodic))
+                       selection=ev.selection, rices=rices, protocol=protocol, plans=plans)
+    rows = summary_rows(results, labels=module.mode_labels, protocol=protocol)
+    queries = list({q.id: q for plan in plans.values() for q in plan.queries}.values())
+    chance = chance_rate(queries, DemoSelector(pool, episodic=task.episodic))
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = report_markdown(rows, chance, task.metric)
+    how = how_made(protocol, task, ev, backbone, drawn)
+    report = report_markdown(rows, chance, task.metric, how)
     payload = {
-        "task": ev.task, "metric": task.metric, "checkpoint": checkpoint, "summary": rows,
-        "shots": list(ev.shots), "seeds": list(ev.seeds), "num_queries": len(dm.queries),
+        "task": ev.task, "metric": task.metric, "checkpoint": checkpoint,
+        # the preset, then every setting it resolved to (and what the user changed: settings.overrides)
+        "protocol": protocol.name, "protocol_label": protocol.label, "protocol_settings": protocol.as_dict(),
+        "summary": rows,
+        "shots": list(ev.shots), "seeds": list(ev.seeds),
+        "num_queries": {str(seed): d["num_queries"] for seed, d in drawn.items()},
+        "query_subsets": {str(seed): d for seed, d in drawn.items()},
         "selection": ev.selection + (" (in-episode)" if task.episodic else ""),
-        "rices": OmegaConf.to_container(ev.rices) if ev.selection == "rices" else None,
+        "rices": rices,
         "postprocess": ev.postprocess or "task default",
         "kind": task.kind,
         # classify tasks generate nothing: their classes are scored by length-normalised log-likelihood
-        "decoding": {"num_beams": ev.num_beams or task.num_beams, "max_new_tokens": ev.max_new_tokens
-                     or task.max_new_tokens} if task.kind == "generate" else {"classes": list(task.classes)},
+        "decoding": dataclasses.asdict(protocol.decoding) if protocol.decoding else {"classes": list(task.classes)},
+        "model_max_positions": backbone.max_positions, "model_max_positions_source": backbone.max_positions_source,
         "chance": chance, "aim_vs_icl": comparison,
         "bank": None if bank is None else {"dir": str(bank.path), **bank.stats},
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
@@ -97,16 +192,52 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     json_path.write_text(json.dumps(payload, indent=2))
     md_path = write_text_unique(out_dir / "results.md", f"# {cfg.name}: {ev.task}\n\n{report}\n")
     png_path = plot_score_vs_shots(rows, unique_path(out_dir / "score_vs_shots.png"), metric=task.metric,
-                                   chance=chance, title=f"{cfg.name}: {ev.task}")
+                                   chance=chance, title=f"{cfg.name}: {ev.task} ({protocol.label})")
     cost_path = plot_cost_vs_shots(rows, unique_path(out_dir / "cost_vs_shots.png"), title=f"{cfg.name}: {ev.task}")
     log.info("wrote %s, %s, %s, %s", json_path, md_path, png_path, cost_path)
     if wandb_run is not None:
-        log_to_wandb(wandb_run, rows, {"score_vs_shots": png_path, "cost_vs_shots": cost_path})
-    return EvalOutcome(rows, report, chance, task.metric)
+        log_to_wandb(wandb_run, rows, {"score_vs_shots": png_path, "cost_vs_shots": cost_path},
+                     settings=protocol.as_dict())
+    return EvalOutcome(rows, report, chance, task.metric, how)
 
 
-def report_markdown(rows: list[dict], chance: float | None, metric: str) -> str:
-    """The methods table, and AIM's share of vanilla ICL's gain when both were evaluated."""
-    report = markdown_table(rows, chance, metric=metric)
+def how_made(protocol: ResolvedProtocol, task: Task, ev: DictConfig, backbone, drawn: dict) -> list[str]:
+    """The lines above a table that say how its numbers were made."""
+    sizes = sorted({d["num_queries"] for d in drawn.values()})
+    subset = next(iter(drawn.values()))["query_subset"] if drawn else "n/a"
+    zero = {"text_demos": f"0-shot = {protocol.zero_shot_text_demos} text-only demos (OpenFlamingo)",
+            "none": "0-shot = no demos", "both": f"0-shot both ways (no demos; {protocol.zero_shot_text_demos} "
+            "text-only demos)"}[protocol.zero_shot]
+    if protocol.decoding is None:
+        decoding = f"classes {list(task.classes)} ranked by length-normalised log-likelihood"
+    else:
+        d = protocol.decoding
+        lp = "model default" if d.length_penalty is None else f"{d.length_penalty:g}"
+        decoding = f"{d.num_beams} beam(s), length_penalty {lp}, max {d.max_new_tokens} new tokens"
+    selection = ev.selection + (" (in-episode)" if task.episodic else "")
+    if ev.selection == "rices":
+        selection += f" (CLIP {protocol.rices_model} / {protocol.rices_pretrained})"
+    elif protocol.demo_pool_size is not None:
+        selection += f" from {protocol.demo_pool_size} train examples per seed"
+    limit = backbone.max_positions
+    return [
+        f"Protocol: {protocol.label}",
+        f"Shots: {list(ev.shots)} ({zero}); trials (seeds): {list(ev.seeds)}, mean ± {protocol.spread} std over "
+        "trials",
+        f"Queries per trial: {', '.join(map(str, sizes))} ({subset})",
+        f"Demo selection: {selection}; demo separator {protocol.demo_separator!r}; demo images: "
+        f"{protocol.demo_image_view} view",
+        f"Decoding: {decoding}",
+        f"Context: the LM has {'no hard limit' if limit is None else f'{limit} positions'} "
+        f"({backbone.max_positions_source}); over-context trials: "
+        + ("not run" if protocol.over_context == "skip" else "run and flagged"),
+    ]
+
+
+def report_markdown(rows: list[dict], chance: float | None, metric: str, how: list[str] | None = None) -> str:
+    """How the numbers were made, the methods table, and AIM's share of vanilla ICL's gain when both were
+    evaluated (over-context rows left out)."""
+    head = "".join(f"- {line}\n" for line in how or []) + ("\n" if how else "")
+    report = head + markdown_table(rows, chance, metric=metric)
     comparison = aim_vs_icl(rows)
     return report + ("\n\n" + aim_vs_icl_markdown(comparison) if comparison else "")

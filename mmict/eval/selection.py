@@ -423,8 +423,9 @@ def make_selector(
     `episodic` is the task's flag: on an episodic task `random` draws within the query's episode (the only
     meaningful random draw there, as before) and `rices` is refused, because its nearest neighbours leak the
     query's class through the closest demo and break the class-balanced protocol the 1/N chance line assumes.
-    `clip`: a `ClipEncoder`, or keyword arguments for `ClipEncoder.from_open_clip` (default ViT-B-32/openai,
-    OpenFlamingo's choice). `cache_dir`: where pool features are cached (None: computed, not cached);
+    `clip`: a `ClipEncoder`, or keyword arguments for `ClipEncoder.from_open_clip` (the evaluation protocol passes
+    its model: OpenFlamingo's ViT-L-14/openai, or mmict's ViT-B-32/openai). `cache_dir`: where pool features are
+    cached (None: computed, not cached);
     `pool_name` names the cache file (e.g. 'toy_vqa-train'); `pool_key` overrides the pool's content hash.
     `image_fn` must give each example's raw image: the cache key hashes the raw bytes, not what `image_fn`
     does with them, so one that crops or edits needs its own `pool_key` (or `cache_dir=None`).

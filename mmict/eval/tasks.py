@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from data_modules.downstream import Example
-from mmict.eval.metrics import cider, exact_match, hateful_memes_auc, okvqa_postprocess, vqa_accuracy
+from mmict.eval.metrics import caption_metrics, exact_match, hateful_memes_auc, okvqa_postprocess, vqa_accuracy
 from mmict.eval.postprocess import first_word, postprocess_caption, postprocess_vqa
 from mmict.toy.language import BINDING_PROMPT, BINDING_TASK, binding_text, vqa_demo_text, vqa_prompt
 
@@ -47,9 +47,18 @@ class Task:
     corpus_score: Callable[[list[Any], list[Any]], float] | None = None
     # What a query's answer is scored against: its reference answers, or (classify) its 0/1 label.
     reference: Callable[[Example], Any] = answers_of
-    # Decoding: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo: 3).
+    # Decoding of the `mmict` protocol: greedy (1 beam) for short answers; captioning tasks use beams (OpenFlamingo:
+    # 3). The `openflamingo` protocol decodes by `style` instead (mmict.eval.protocol).
     num_beams: int = 1
     max_new_tokens: int = 5
+    # Which of OpenFlamingo's task families the task is ("vqa", "caption", "classify"; "toy" for the toy world):
+    # picks the protocol's decoding and demo separator.
+    style: str = "vqa"
+    # Corpus-level metrics reported beside the headline one: (answers, references) -> {name: value}, e.g. the
+    # BLEU-4, METEOR, ROUGE-L and CIDEr the captioning literature reports. When set, the headline score is its
+    # `headline` entry, so a metric is computed once.
+    corpus_metrics: Callable[[list[Any], list[Any]], dict[str, float]] | None = None
+    headline: str = ""
 
     def __post_init__(self) -> None:
         if not self.folder:
@@ -60,7 +69,14 @@ class Task:
             raise ValueError(f"task {self.name}: a classify task needs two classes (positive first) and a "
                              "corpus_score over P(positive)")
 
-    def score_trial(self, predictions: list[Any], references: list[Any]) -> float:
+    def score_trial(self, predictions: list[Any], references: list[Any]) -> tuple[float, dict[str, float]]:
+        """(the headline score, the other corpus metrics)."""
+        if self.corpus_metrics is not None:
+            scores = self.corpus_metrics(predictions, references)
+            return scores[self.headline], scores
+        return self.headline_score(predictions, references), {}
+
+    def headline_score(self, predictions: list[Any], references: list[Any]) -> float:
         if self.corpus_score is not None:
             return self.corpus_score(predictions, references)
         return sum(self.score(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
@@ -75,9 +91,15 @@ def _vqa_demo(d: Example) -> str:
     return f"Question:{d.question} Short answer:{d.answers[0]}"
 
 
-def _corpus_cider(predictions: list[str], references: list[list[str]]) -> float:
+def _caption_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """BLEU-4, METEOR, ROUGE-L, CIDEr (and SPICE where its Stanford CoreNLP jar is installed), as pycocoevalcap's
+    COCOEvalCap computes them (OpenFlamingo's coco_metric.compute_cider runs COCOEvalCap and reports CIDEr)."""
     ids = [str(i) for i in range(len(predictions))]
-    return cider(dict(zip(ids, predictions)), dict(zip(ids, references)))[0]
+    scores = caption_metrics(dict(zip(ids, predictions)), dict(zip(ids, references)))
+    return {name: scores[name] for name in CAPTION_METRICS if name in scores}
+
+
+CAPTION_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 
 
 def _vqa_task(name: str, **kw) -> Task:
@@ -93,8 +115,9 @@ def _caption_demo(d: Example) -> str:
 
 
 def _caption_task(name: str) -> Task:
-    return Task(name, _caption_prompt, _caption_demo, postprocess=postprocess_caption,
-                score=exact_match, corpus_score=_corpus_cider, metric="cider", num_beams=3, max_new_tokens=20)
+    return Task(name, _caption_prompt, _caption_demo, postprocess=postprocess_caption, score=exact_match,
+                corpus_metrics=_caption_metrics, headline="CIDEr", metric="cider", num_beams=3, max_new_tokens=20,
+                style="caption")
 
 
 # Hateful Memes as OpenFlamingo's harness prompts and scores it (eval_model.get_hateful_memes_prompt, HM_CLASSNAMES,
@@ -152,11 +175,11 @@ TASKS: dict[str, Task] = {
     "msvd_qa": Task("msvd_qa", _vqa_prompt, _vqa_demo, metric="accuracy"),
     "msrvtt_qa": Task("msrvtt_qa", _vqa_prompt, _vqa_demo, metric="accuracy"),
     "hateful_memes": Task("hateful_memes", _hm_prompt, _hm_demo, kind="classify", classes=("yes", "no"),
-                          reference=_hm_label, corpus_score=_hm_auc, metric="roc_auc"),
+                          reference=_hm_label, corpus_score=_hm_auc, metric="roc_auc", style="classify"),
     # The toy world.
-    "toy_vqa": Task("toy_vqa", _toy_vqa_prompt, _toy_vqa_demo, folder="vqa"),
+    "toy_vqa": Task("toy_vqa", _toy_vqa_prompt, _toy_vqa_demo, folder="vqa", style="toy"),
     BINDING_TASK: Task(BINDING_TASK, _binding_prompt, _binding_demo, folder="binding", postprocess=first_word,
-                       episodic=True, max_new_tokens=3),
+                       episodic=True, max_new_tokens=3, style="toy"),
 }
 
 

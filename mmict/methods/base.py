@@ -46,6 +46,10 @@ class FrozenBackboneModule(L.LightningModule):
     train_demo_mode = "none"  # what training shows: fused (AIM), none (vanilla fine-tune), ...
     default_eval_modes: tuple[str, ...] = ("none",)  # what evaluation compares when eval.demo_modes is null
     mode_labels: dict[str, str] = {}  # report names of demo modes where this method's differ from the defaults
+    # Demo modes whose prompts are only images and text (`build_prompt`, no model run to make them): evaluation
+    # counts their tokens before running a trial, and does not run one that exceeds the LM's positions. Other
+    # modes' prompts (fused tokens, M-Hub features: a fixed number per demo) are measured as they run.
+    preflight_modes: tuple[str, ...] = ("none", "images", "text")
 
     def eval_demo_modes(self) -> list[str]:
         """The demo modes evaluation runs: `eval.demo_modes`, else the method's own."""
@@ -71,7 +75,7 @@ class FrozenBackboneModule(L.LightningModule):
                 demo_mode, batch.query_images[b], batch.query_prompts[b],
                 demo_images=batch.demo_images[sl], demo_texts=batch.demo_texts[sl],
                 fused_demos=fused[sl] if fused else (),
-                target=batch.query_targets[b] if with_target else None,
+                target=batch.query_targets[b] if with_target else None, separator=batch.demo_separator,
             )))
         return prompts
 

@@ -129,7 +129,7 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str
     metric = metrics.pop() if len(metrics) == 1 else "score"
     base = _common_prefix([r["run_dir"] for r in runs]) if len(runs) > 1 else None
     columns = ["run", "method", "backbone", "train shots", "seed", *varying, "steps", "train loss", "val loss",
-               "commit", "eval", *[f"{metric}@{k}" for k in shot_counts]]
+               "commit", "eval", "protocol", *[f"{metric}@{k}" for k in shot_counts]]
     rows: list[dict[str, Any]] = []
     for r in runs:
         flat = r["flat"]
@@ -148,8 +148,13 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str
             rows.append({**common, "eval": None})
         for mode in modes:
             row = {**common, "eval": mode}
+            row["protocol"] = (r["results"] or {}).get("protocol_label", "unrecorded (before eval.protocol)")
             for s in summary:
-                if s["method"] == mode:
+                if s["method"] != mode:
+                    continue
+                if s.get("status", "ok") == "over_context" or s["accuracy_mean"] is None:
+                    row[f"{metric}@{int(s['shots'])}"] = "over context"  # never a number beside the others
+                else:
                     row[f"{metric}@{int(s['shots'])}"] = (s["accuracy_mean"], s.get("accuracy_std", 0.0),
                                                           s.get("seeds", 1))
             rows.append(row)

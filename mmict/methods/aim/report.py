@@ -12,28 +12,43 @@ def aim_vs_icl(rows: Sequence[dict]) -> list[dict]:
 
     `recovered` = (AIM - zero-shot) / (vanilla ICL - zero-shot), None when ICL gains nothing;
     `context_ratio` = vanilla ICL's context tokens / AIM's (whole prompt, query included);
-    `demo_context_ratio` = the same for the demonstrations' tokens alone (prompt minus the zero-shot one).
+    `demo_context_ratio` = the same for the demonstrations' tokens alone (prompt minus the no-demo one; None when
+    only OpenFlamingo's 0-shot, which shows 2 text demos, was run).
+    The zero-shot baseline is the no-demo row where there is one, else OpenFlamingo's 0-shot (`baseline` says
+    which). A row that is not comparable (over the LM's context, or unscored) never enters a ratio: that shot count
+    is left out.
     """
+    # By report name: a companion's rows (MMICT's own "fused" mode) carry other names.
     by = {(r["method"], r["shots"]): r for r in rows}
-    zero = by.get((MODE_NAMES["none"], 0))
+    zero = by.get((MODE_NAMES["none"], 0)) or by.get((MODE_NAMES["zero_shot_text"], 0))
+    if zero is None or not _comparable(zero):
+        return []
+    true_zero = zero["method"] == MODE_NAMES["none"]
     out = []
     for k in sorted({r["shots"] for r in rows if r["shots"] > 0}):
         aim, icl = by.get((MODE_NAMES["fused"], k)), by.get((MODE_NAMES["images"], k))
-        if zero is None or aim is None or icl is None:
+        if aim is None or icl is None or not (_comparable(aim) and _comparable(icl)):
             continue
         gain = icl["accuracy_mean"] - zero["accuracy_mean"]
         demo_aim = aim["context_tokens"] - zero["context_tokens"]
         out.append({
             "shots": k,
+            "baseline": zero["method"],
             "recovered": (aim["accuracy_mean"] - zero["accuracy_mean"]) / gain if gain > 0 else None,
             "context_ratio": icl["context_tokens"] / aim["context_tokens"],
-            "demo_context_ratio": (icl["context_tokens"] - zero["context_tokens"]) / demo_aim if demo_aim > 0 else None,
+            "demo_context_ratio": (icl["context_tokens"] - zero["context_tokens"]) / demo_aim
+            if true_zero and demo_aim > 0 else None,
         })
     return out
 
 
+def _comparable(row: dict) -> bool:
+    return row.get("status", "ok") == "ok" and row.get("accuracy_mean") is not None
+
+
 def aim_vs_icl_markdown(comparison: Sequence[dict]) -> str:
-    lines = ["| shots | AIM's share of vanilla ICL's gain over zero-shot | context tokens, ICL / AIM "
+    baseline = comparison[0]["baseline"] if comparison else "zero-shot"
+    lines = [f"| shots | AIM's share of vanilla ICL's gain over {baseline} | context tokens, ICL / AIM "
              "| demo tokens, ICL / AIM |", "|---:|---:|---:|---:|"]
     for c in comparison:
         rec = "n/a (ICL gains nothing)" if c["recovered"] is None else f"{100 * c['recovered']:.0f}%"

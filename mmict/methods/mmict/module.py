@@ -58,6 +58,8 @@ class MMICTModule(FrozenBackboneModule):
         return self.design
 
     mode_labels = {"fused": "MMICT (M-Hub text features)", "text": "text-only demos (MMICT-trained)"}
+    # Every MMICT prompt holds M-Hub features (the query's, at least): measured as evaluation runs them.
+    preflight_modes: tuple[str, ...] = ()
 
     @property
     def default_eval_modes(self) -> tuple[str, ...]:  # type: ignore[override]

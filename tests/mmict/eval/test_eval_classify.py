@@ -131,7 +131,7 @@ def test_hateful_memes_prompts_follow_openflamingo():
         task.reference(Example("3", torch.zeros(1), "hi", ["x"], "hateful_memes"))
     with pytest.raises(ValueError, match="raise eval.num_queries"):
         task.score_trial([0.2, 0.9], [1, 1])
-    assert task.score_trial([0.2, 0.9, 0.4], [0, 1, 1]) == pytest.approx(1.0)
+    assert task.score_trial([0.2, 0.9, 0.4], [0, 1, 1])[0] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

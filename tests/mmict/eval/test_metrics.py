@@ -5,6 +5,7 @@ corpus and one METEOR start, since a JVM start costs seconds."""
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pytest
@@ -194,6 +195,29 @@ def test_okvqa_postprocess_cuts_before_stemming(monkeypatch):
     monkeypatch.setattr(metrics, "okvqa_stem", lambda text, nltk_data_dir=None: calls.append(text) or text)
     okvqa_postprocess("snowboarding Answer: skiing Question: what")
     assert calls == ["snowboarding "]
+
+
+def _reference_okvqa_cut(prediction: str) -> str:
+    """open_flamingo/eval/ok_vqa_utils.py postprocess_ok_vqa_generation, lines 212-213, verbatim (the stemming of
+    line 214 is what okvqa_stem does, tested on its own)."""
+    prediction = re.split("Question|Answer|Short", prediction, 1)[0]  # noqa: B034 - verbatim
+    prediction = re.split(", ", prediction, 1)[0]  # noqa: B034 - verbatim
+    return prediction
+
+
+@pytest.mark.parametrize("generation", [
+    "dogs, cats", "dogs, cats Question: what", "red,blue", "a, b, c", "Short answer: x", "dogs ,cats",
+    "skiing Answer: no, yes", ", leading", "no comma here",
+])
+def test_okvqa_postprocess_cuts_at_comma_space_as_openflamingo(monkeypatch, generation):
+    """The text OpenFlamingo stems is the text mmict stems: "dogs, cats" becomes "dogs" (then "dog"), scored 1
+    against "dog" instead of 0 as "dog cat"."""
+    calls = []
+    monkeypatch.setattr(metrics, "okvqa_stem", lambda text, nltk_data_dir=None: calls.append(text) or text)
+    okvqa_postprocess(generation)
+    assert calls == [_reference_okvqa_cut(generation)]
+    if generation == "dogs, cats":
+        assert calls == ["dogs"]
 
 
 def fake_nltk_data(root) -> str:
