@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from .augment import ReferenceAugment
 from .downstream import Example, convert_command, decode_example
 from .episodes import ImageTransform
 from .streaming import ShardStream, ShotPlan, _Watchdog, source_of
@@ -42,21 +43,31 @@ class EpisodeFormat(Protocol):
 
 
 def task_episode(demos: list[Example], query: Example, task: EpisodeFormat, rng: random.Random) -> dict:
-    """One episode in `collate_episodes`' input form, with the task's prompt and demo formats."""
+    """One episode in `collate_episodes`' input form, with the task's prompt and demo formats.
+
+    A format with `train_prompts` (MMICT's reference: six caption instructions) prompts each training query with
+    one drawn from the episode's generator (so a resumed stream draws the same), and `train_target` rewrites the
+    target as the reference's training sees it (its caption cleaning)."""
+    target = rng.choice(query.answers)
+    train_prompts = getattr(task, "train_prompts", ())
+    clean = getattr(task, "train_target", None)
     return {
         "demo_images": [d.image for d in demos],
         "demo_texts": [task.demo_text(d) for d in demos],
         "query_image": query.image,
-        "query_prompt": task.query_prompt(query),
-        "query_target": rng.choice(query.answers),
+        "query_prompt": rng.choice(train_prompts) if train_prompts else task.query_prompt(query),
+        "query_target": clean(target) if clean is not None else target,
     }
 
 
 def _group_episodes(
     samples: Iterable[dict], *, task: EpisodeFormat, image_transform: ImageTransform, plan: ShotPlan,
-    rng: random.Random | None, seed: int, watchdog: _Watchdog,
+    rng: random.Random | None, seed: int, watchdog: _Watchdog, augment_size: int | None = None,
 ) -> Iterator[dict]:
-    """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode."""
+    """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode. Training
+    (`rng` given) with `augment_size` augments images as MMICT's reference (`augment.ReferenceAugment`)."""
+    if augment_size is not None and rng is not None:
+        image_transform = ReferenceAugment(image_transform, augment_size, rng)
     group: list[Example] = []
     want = None
     made = 0
@@ -79,23 +90,26 @@ def _group_episodes(
 class TaskEpisodeStream(ShardStream):
     """`ShardStream` (disjoint shards per rank and worker, seeded, exact resume) with task episodes."""
 
-    def __init__(self, urls: list[str], *, task: EpisodeFormat, **kwargs) -> None:
+    def __init__(self, urls: list[str], *, task: EpisodeFormat, augment_size: int | None = None, **kwargs) -> None:
         super().__init__(urls, **kwargs)
         self.task = task
+        self.augment_size = augment_size
 
     def _episode_stage(self, samples: Iterable[dict], plan: ShotPlan, rng: random.Random | None,
                        watchdog: _Watchdog) -> Iterator[dict]:
         return _group_episodes(samples, task=self.task, image_transform=self.image_transform, plan=plan, rng=rng,
-                               seed=self.seed, watchdog=watchdog)
+                               seed=self.seed, watchdog=watchdog, augment_size=self.augment_size)
 
 
 class TaskEpisodeDataModule(StreamingDataModule):
     """Episodes of `task` from its train split, validated on `val_split` (see the module docstring)."""
 
-    def __init__(self, root: str | Path, *, task: EpisodeFormat, val_split: str = "val", **kwargs) -> None:
+    def __init__(self, root: str | Path, *, task: EpisodeFormat, val_split: str = "val",
+                 augment_size: int | None = None, **kwargs) -> None:
         super().__init__(root, **kwargs)
         self.task = task
         self.val_split = val_split
+        self.augment_size = augment_size  # training images augmented as MMICT's reference, cropped to this size
 
     stream_class = TaskEpisodeStream
 
@@ -113,7 +127,7 @@ class TaskEpisodeDataModule(StreamingDataModule):
         return convert_command(self.task.name, self.root / self.folder, "train")
 
     def _stream_extra(self) -> dict:
-        return {"task": self.task}
+        return {"task": self.task, "augment_size": self.augment_size}
 
 
 __all__ = ["EpisodeFormat", "TaskEpisodeDataModule", "TaskEpisodeStream", "task_episode"]

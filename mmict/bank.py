@@ -12,9 +12,11 @@ What is stored per demo (`store`):
 
 Layout: ``<root>/<pool>/<key hash>/index.json`` and ``shard-*.safetensors`` next to it. The key holds every
 part the stored tensors depend on: the backbone (name_or_path, family, dtype and a fingerprint of its config
-and weights), the reader's layer and final norm, the store, the projector hash (``fused`` only) and the
-format version. The index maps each demo id to its shard, the content hash of the demo (its text and its
-preprocessed image) and a checksum of the stored bytes.
+and weights), the reader's layer and final norm, how a demo is read (AIM's ``read_format``, ``read_span``,
+answer cues and chat template, where they are not the default raw whole-text reading), the store, the projector
+hash (``fused`` only) and the format version: a bank built with one reading is never used for another. The
+index maps each demo id to its shard, the content hash of the demo (its text and its preprocessed image) and a
+checksum of the stored bytes.
 
 Nothing is used without being checked, nothing is wrong without a warning that names the file:
 - the index is read on the first lookup (lazy), a shard is opened (memory-mapped) when one of its entries is

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks import DemoSampler, RNGState, RunRecord, SkippedSamplesReport
 from callbacks.nan_guard import NonFiniteLossGuard
+from data_modules.augment import transform_size
 from data_modules.shots import ShotPolicy
 from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
@@ -32,6 +33,7 @@ from mmict.config import ConfigError, load_config, save_config
 from mmict.eval.runner import run_eval
 from mmict.eval.tasks import get_task
 from mmict.methods import METHODS
+from mmict.methods.aim.shots import report as write_trained_shots
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
 from mmict.runs.folders import make_run_dir
 from mmict.runs.record import versions
@@ -57,7 +59,9 @@ def build_datamodule(cfg: DictConfig, image_transform: Any) -> StreamingDataModu
     if d.task is None:
         return WebCorpusDataModule(d.root, corpus=d.corpus, min_similarity=d.min_similarity,
                                    min_image_size=d.min_image_size, **common)
-    return TaskEpisodeDataModule(d.root, task=get_task(d.task), val_split=d.val_split, **common)
+    augment_size = transform_size(image_transform) if d.augment == "mmict_reference" and image_transform else None
+    return TaskEpisodeDataModule(d.root, task=get_task(d.task, d.prompt_format), val_split=d.val_split,
+                                 augment_size=augment_size, **common)
 
 
 def shot_policy(cfg: DictConfig) -> ShotPolicy:
@@ -224,6 +228,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
         before_file.write_text(json.dumps(before))
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+    if trainer.is_global_zero and getattr(module, "trained_shots", None) is not None:
+        write_trained_shots(module.trained_shots(), run_dir, [])  # AIM: demos per training episode, in the run folder
     # fit validates every `val_check_interval` steps; when that includes the last step, its result is
     # the "after" number and validating again would only repeat the work.
     tr = cfg.trainer

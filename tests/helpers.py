@@ -26,6 +26,39 @@ def tiny_aim_cfg(backbone_dir, *overrides: str):
                                    *overrides])
 
 
+def eval_section(**kw):
+    """An `eval` config section as `mmict.eval.protocol.resolve` reads it: the schema's defaults under the
+    openflamingo protocol, with `kw` changed (rices_model / rices_pretrained set eval.rices.*)."""
+    from types import SimpleNamespace
+
+    rices = SimpleNamespace(model=kw.pop("rices_model", None), pretrained=kw.pop("rices_pretrained", None))
+    base = dict(protocol="openflamingo", num_beams=None, max_new_tokens=None, length_penalty=None, zero_shot=None,
+                demo_pool_size=None, demo_image_view="full", over_context="skip", num_queries=None, rices=rices,
+                min_new_tokens=None, vqa_scoring=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+# A small M-Hub (Q-Former) for MMICT tests on tiny backbones.
+SMALL_HUB = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+             "cross_attention_frequency": 1, "num_query_tokens": 4, "max_text_tokens": 32}
+
+
+def make_mmict_module(path, family="blip2", design="fused", seed=0, **mmict):
+    """An MMICT module with SMALL_HUB on the tiny backbone at `path`, seeded."""
+    import torch
+
+    from mmict.config import config_from_dict
+    from mmict.methods.mmict.module import MMICTModule
+
+    torch.manual_seed(seed)
+    cfg = config_from_dict({
+        "method": {"name": "mmict", "demo_design": design, "mmict": {"hub": SMALL_HUB, **mmict}},
+        "backbone": {"family": family, "name_or_path": str(path), "toy": None},
+        "optim": {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.05},
+    })
+    return MMICTModule(cfg)
+
+
 def pixels(backbone, color):
     return backbone.image_transform(PILImage.new("RGB", (16, 16), color))
 

@@ -3,43 +3,25 @@
 Every method builds prompts as segments (`mmict.segments`); a backbone adapter turns a batch of
 prompts into `inputs_embeds`, attention mask, position ids and labels (`assemble`), runs the frozen
 model (`forward`) and generates (`generate`). The assembly is family-independent and lives here;
-a family adapter only says how to embed images and tokens and where its parts are.
+a family adapter only says how to embed images and tokens and where its parts are. Prompts are tokenised as the
+family's processor tokenises them (`mmict.backbones.tokens`), chat templates rendered by the model's own template
+(`mmict.backbones.chat`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from PIL import Image as PILImage
 from torch import nn
 
+from mmict.backbones.assembly import IGNORE_INDEX, Assembled, Row, pad  # noqa: F401 - IGNORE_INDEX: re-exported
+from mmict.backbones.chat import ChatLayout, content_items, item_layout, kinds_of, turn_layout, wrap
 from mmict.backbones.context import lm_max_positions
-from mmict.segments import Embeds, Image, Pixels, Prompt, Segment, Text
-
-IGNORE_INDEX = -100  # label value the cross-entropy skips (transformers' convention)
-
-
-@dataclass
-class Assembled:
-    """A batch of prompts in the language model's input space.
-
-    `spans[b][i]` is the [start, end) range of segment i of prompt b in the padded sequence, so
-    callers can pick hidden states at a segment's positions (AIM reads demo text positions).
-    """
-
-    inputs_embeds: torch.Tensor  # (B, L, D)
-    attention_mask: torch.Tensor  # (B, L), 1 = real token
-    position_ids: torch.Tensor  # (B, L); (4, B, L) for Qwen2-VL's multimodal rotary positions
-    labels: torch.Tensor  # (B, L), IGNORE_INDEX outside target segments; not shifted
-    spans: list[list[tuple[int, int]]]
-
-    @property
-    def context_tokens(self) -> torch.Tensor:
-        """Real (non-padding) positions per prompt: what the frozen model attends over."""
-        return self.attention_mask.sum(dim=1)
+from mmict.backbones.tokens import follows_image, segment_token_ids
+from mmict.segments import Image, Pixels, Prompt, Segment, Text
 
 
 class ImageTransform:
@@ -207,9 +189,38 @@ class Backbone(nn.Module):
         return self.eos_token_id if pad is None else pad
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text alone, without special tokens (a class name's length, a decoder target; prompts go through
+        `segment_token_ids`, which tokenises them as the processor does)."""
         if not texts:
             return []
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    # ---- prompts as the family's processor tokenises them (mmict.backbones.tokens) ----------------
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text the family's processor reads as one image in a prompt string, before expanding it (the model's
+        image token); None where the processor keeps images out of the text (BLIP-2)."""
+        token_id = getattr(self.config, "image_token_id", None)
+        token_id = getattr(self.config, "image_token_index", None) if token_id is None else token_id
+        return None if token_id is None else self.tokenizer.convert_ids_to_tokens(int(token_id))
+
+    def text_after_image(self, text: str) -> str:
+        """The text after an image (or Embeds) as the family's processor rewrites it (Idefics2 adds a space)."""
+        return text
+
+    # Rows an image shares with an image right before it (Idefics2's processor merges adjacent image wrappers).
+    adjacent_image_shared_rows = 0
+
+    def special_token_layout(self, prompt: Prompt, add_bos: bool = True) -> tuple[int, list[int], list[int]]:
+        """Where the tokenizer's special tokens go in `prompt`: (index of the segment the leading ones go before,
+        leading ids, trailing ids). Default: BOS first, when the tokenizer has one and `add_bos`."""
+        return 0, ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []), []
+
+    def segment_token_ids(self, prompts: list[Prompt]) -> list[list[list[int] | None]]:
+        """Per prompt, per segment, the token ids `assemble` lays out: a list per Text (tokenised in the prompt's
+        string, as the processor does; EOS appended where it ends with one), None per Image or Embeds."""
+        return segment_token_ids(self.tokenizer, prompts, self.image_placeholder, self.eos_token_id,
+                                 self.text_after_image)
 
     def add_special_token(self, token: str) -> int:
         """Make `token` one real token of the tokenizer and the frozen model (MMICT's `<eoc>`); its id.
@@ -236,47 +247,38 @@ class Backbone(nn.Module):
         return new_id
 
     # ---- chat template --------------------------------------------------------------------------
-    _CHAT_MARK = "\x00mmict-user-turn\x00"
-
-    def chat_affixes(self) -> tuple[str, str] | None:
-        """(text before, text after) the user's turn in the model's chat template, generation prompt
-        included; None when the model has no template or it is switched off."""
+    def chat_layout(self, kinds: tuple[str, ...]) -> ChatLayout | None:
+        """How the chat template lays out a user turn whose content items are `kinds` ("image" for an Image or
+        Embeds, "text" for a run of Texts; `mmict.backbones.chat`); None when the model has no template or it is
+        switched off. Rendered once per template and kinds (wrap_query runs on every training prompt)."""
         if not (self.use_chat_template and self.chat_template):
             return None
-        # Rendered once per template, not per query (wrap_query runs on every training prompt).
-        cached = getattr(self, "_chat_affixes_cache", None)
-        if cached is not None and cached[0] == self.chat_template:
-            return cached[1]
-        rendered = None
-        for content in ([{"type": "text", "text": self._CHAT_MARK}], self._CHAT_MARK):  # list form, then plain
-            try:
-                rendered = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": content}], chat_template=self.chat_template, tokenize=False,
-                    add_generation_prompt=True)
-            except Exception:  # noqa: BLE001 - templates differ in the content form they accept
-                continue
-            if self._CHAT_MARK in rendered:
-                break
-        if rendered is None or self._CHAT_MARK not in rendered:
-            raise ValueError(f"the chat template of {self.name_or_path} could not be rendered with one user turn; "
-                             "set backbone.chat_template=false to use plain prompts")
-        prefix, suffix = rendered.split(self._CHAT_MARK, 1)
-        bos = self.tokenizer.bos_token
-        if bos and prefix.startswith(bos):
-            prefix = prefix[len(bos):]  # assemble adds BOS itself
-        self._chat_affixes_cache = (self.chat_template, (prefix, suffix))
-        return prefix, suffix
+        cache = self.__dict__.setdefault("_chat_layout_cache", {})
+        key = (self.chat_template, kinds)
+        if key not in cache:
+            layout = item_layout(self.tokenizer, self.chat_template, kinds, self.image_placeholder)
+            layout = layout or turn_layout(self.tokenizer, self.chat_template, len(kinds))
+            if layout is None:
+                raise ValueError(f"the chat template of {self.name_or_path} could not be rendered with one user "
+                                 "turn; set backbone.chat_template=false to use plain prompts")
+            cache[key] = layout
+        return cache[key]
+
+    def chat_affixes(self) -> tuple[str, str] | None:
+        """(text before, text after) the user's turn in the model's chat template, generation prompt included,
+        for a turn of one text item; None when the model has no template or it is switched off."""
+        layout = self.chat_layout(("text",))
+        return None if layout is None else (layout.prefix, layout.glue[0] + layout.suffix)
 
     def wrap_query(self, prompt: Prompt) -> Prompt:
-        """The query prompt (demos, query image, question) as the model's user turn, the target after the
-        assistant prefix; unchanged when there is no chat template."""
-        affixes = self.chat_affixes()
-        if affixes is None:
+        """The query prompt (demos, query image, question) as the model's user turn, rendered by its chat template
+        (`mmict.backbones.chat`), the targets after the generation prompt; unchanged when there is no template."""
+        if not (self.use_chat_template and self.chat_template):
             return prompt
-        prefix, suffix = affixes
         body = [seg for seg in prompt if not (isinstance(seg, Text) and seg.target)]
-        target = [seg for seg in prompt if isinstance(seg, Text) and seg.target]
-        return [Text(prefix)] * bool(prefix) + body + [Text(suffix)] * bool(suffix) + target
+        targets = [seg for seg in prompt if isinstance(seg, Text) and seg.target]
+        items = content_items(body)
+        return wrap(items, targets, self.chat_layout(kinds_of(items)))
 
     # ---- views of an image (vanilla ICL may show demos at the base view only) -------------------
     @property
@@ -311,17 +313,17 @@ class Backbone(nn.Module):
         tower, no LM. `image_tokens` counts an Image segment's positions (default: `image_token_count`); a caller may
         pass its own, e.g. over placeholder pixels it has counted before."""
         count_image = image_tokens or self.image_token_count
-        texts = [seg for seg in prompt if isinstance(seg, Text)]
-        # As assemble: tokens without special tokens, + EOS after a text that ends with one.
-        total = sum(len(ids) + seg.ends_with_eos for ids, seg in zip(self.tokenize([t.text for t in texts]), texts))
-        total += int(add_bos and self.bos_token_id is not None)
-        for seg in prompt:
-            if isinstance(seg, Image):
-                total += int(count_image(seg.pixels))
-            elif isinstance(seg, Embeds):
+        seg_ids = self.segment_token_ids([prompt])[0]
+        at, lead, trail = self.special_token_layout(prompt, add_bos)
+        total = len(lead) + len(trail)
+        after_image = follows_image(prompt, seg_ids, at if lead else -1)
+        for seg, ids, after in zip(prompt, seg_ids, after_image):
+            if isinstance(seg, Text):
+                total += len(ids)
+            elif isinstance(seg, Image):
+                total += int(count_image(seg.pixels)) - (self.adjacent_image_shared_rows if after else 0)
+            else:
                 total += int(seg.embeds.shape[0])
-            elif not isinstance(seg, Text):
-                raise TypeError(f"not a segment: {type(seg).__name__} (use Text, Image or Embeds)")
         return total
 
     # ---- assembly -----------------------------------------------------------------------------
@@ -330,62 +332,49 @@ class Backbone(nn.Module):
     ) -> Assembled:
         """Turn a batch of prompts into padded LM inputs.
 
-        All images of the batch go through the vision tower in one call and all text through the
-        embedding table in one call; then each prompt is concatenated in segment order. Right padding
-        for training, left padding for generation (new tokens then follow the last real token).
+        Each prompt is tokenised as the family's processor tokenises it (`segment_token_ids`), with the tokenizer's
+        special tokens where `special_token_layout` puts them. All images of the batch go through the vision tower in
+        one call and all tokens through the embedding table in one call; then each prompt is concatenated in segment
+        order. Right padding for training, left padding for generation (new tokens then follow the last real token).
         """
         device, dtype = self.device, self.dtype
-        bos = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
-
-        texts = [seg.text for p in prompts for seg in p if isinstance(seg, Text)]
-        token_ids = self.tokenize(texts)
-        text_eos = [seg.ends_with_eos for p in prompts for seg in p if isinstance(seg, Text)]
-        token_ids = [ids + [self.eos_token_id] if eos else ids for ids, eos in zip(token_ids, text_eos)]
-        pieces_ids = [bos] * len(prompts) + token_ids
-        flat = torch.tensor([i for ids in pieces_ids for i in ids], dtype=torch.long, device=device)
-        flat_embeds = self.embed_tokens(flat) if flat.numel() else flat.new_zeros((0, self.hidden_size))
-        split_embeds = list(torch.split(flat_embeds, [len(ids) for ids in pieces_ids]))
-        bos_embeds, text_embeds = split_embeds[: len(prompts)], iter(split_embeds[len(prompts) :])
-        text_ids = iter(token_ids)
-
+        seg_ids = self.segment_token_ids(prompts)
+        specials = [self.special_token_layout(p, add_bos) for p in prompts]
+        pieces = [ids for (_, lead, trail), row in zip(specials, seg_ids)
+                  for ids in (lead, *(i for i in row if i is not None), trail)]
+        flat = torch.tensor([i for ids in pieces for i in ids], dtype=torch.long, device=device)
+        flat_embeds = self.embed_tokens(flat) if flat.numel() else torch.zeros((0, self.hidden_size), dtype=dtype,
+                                                                                device=device)
+        token_embeds = iter(torch.split(flat_embeds, [len(ids) for ids in pieces]))
         images = [seg.pixels for p in prompts for seg in p if isinstance(seg, Image)]
         image_embeds = iter(self._embed_image_list(images))
 
-        rows_embeds: list[torch.Tensor] = []
-        rows_labels: list[torch.Tensor] = []
-        rows_spans: list[list[tuple[int, int]]] = []
-        layouts: list[list[tuple[Segment, int]]] = []
-        for b, prompt in enumerate(prompts):
-            parts, labels, spans = [bos_embeds[b]], [torch.full((len(bos),), IGNORE_INDEX)], []
-            layout: list[tuple[Segment, int]] = [(Text(""), len(bos))] if bos else []
-            cursor = len(bos)
-            for seg in prompt:
+        rows = []
+        for prompt, ids_row, (at, lead, trail) in zip(prompts, seg_ids, specials):
+            row, lead_embeds = Row(), next(token_embeds)
+            after_image = follows_image(prompt, ids_row, at if lead else -1)
+            for i, (seg, ids, after) in enumerate(zip(prompt, ids_row, after_image)):
+                if i == at and lead:
+                    row.add(lead_embeds, lead)
                 if isinstance(seg, Text):
-                    emb, ids = next(text_embeds), next(text_ids)
-                    lab = torch.tensor(ids) if seg.target else torch.full((len(ids),), IGNORE_INDEX)
+                    row.add(next(token_embeds), ids, torch.tensor(ids) if seg.target else None, seg)
                 elif isinstance(seg, Image):
-                    emb = next(image_embeds)
-                    lab = torch.full((emb.shape[0],), IGNORE_INDEX)
-                elif isinstance(seg, Embeds):
+                    row.add(next(image_embeds)[self.adjacent_image_shared_rows if after else 0 :], None, None, seg)
+                else:
                     emb = seg.embeds.to(device=device, dtype=dtype)
                     if emb.dim() != 2 or emb.shape[1] != self.hidden_size:
-                        raise ValueError(
-                            f"Embeds segment has shape {tuple(emb.shape)}; expected (n, {self.hidden_size}) "
-                            f"for backbone {self.name_or_path}"
-                        )
-                    lab = torch.full((emb.shape[0],), IGNORE_INDEX)
-                else:
-                    raise TypeError(f"not a segment: {type(seg).__name__} (use Text, Image or Embeds)")
-                parts.append(emb)
-                labels.append(lab.long())
-                spans.append((cursor, cursor + emb.shape[0]))
-                layout.append((seg, emb.shape[0]))
-                cursor += emb.shape[0]
-            rows_embeds.append(torch.cat(parts, dim=0))
-            rows_labels.append(torch.cat(labels))
-            rows_spans.append(spans)
-            layouts.append(layout)
-        return self._pad(rows_embeds, rows_labels, rows_spans, layouts, padding_side)
+                        raise ValueError(f"Embeds segment has shape {tuple(emb.shape)}; expected "
+                                         f"(n, {self.hidden_size}) for backbone {self.name_or_path}")
+                    row.add(emb, None, None, seg)
+            if lead and at >= len(prompt):
+                row.add(lead_embeds, lead)
+            trail_embeds = next(token_embeds)
+            if trail:
+                row.add(trail_embeds, trail)
+            rows.append(row)
+        embeds, mask, labels, input_ids, spans = pad(rows, self.hidden_size, padding_side, device, dtype)
+        return Assembled(embeds, mask, self.position_ids(mask, [row.layout for row in rows]), labels, spans,
+                         input_ids)
 
     def _embed_image_list(self, images: list[Pixels]) -> list[torch.Tensor]:
         if not images:
@@ -417,28 +406,6 @@ class Backbone(nn.Module):
                 "preprocess them with backbone.image_transform"
             )
         return torch.stack(tensors)
-
-    def _pad(
-        self,
-        rows_embeds: list[torch.Tensor],
-        rows_labels: list[torch.Tensor],
-        rows_spans: list[list[tuple[int, int]]],
-        layouts: list[list[tuple[Segment, int]]],
-        padding_side: str,
-    ) -> Assembled:
-        batch, length = len(rows_embeds), max(r.shape[0] for r in rows_embeds)
-        embeds = rows_embeds[0].new_zeros((batch, length, self.hidden_size))
-        mask = torch.zeros((batch, length), dtype=torch.long, device=embeds.device)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
-        spans = []
-        for b, (emb, lab, sp) in enumerate(zip(rows_embeds, rows_labels, rows_spans)):
-            n = emb.shape[0]
-            start = length - n if padding_side == "left" else 0
-            embeds[b, start : start + n] = emb
-            mask[b, start : start + n] = 1
-            labels[b, start : start + n] = lab.to(embeds.device)
-            spans.append([(s + start, e + start) for s, e in sp])
-        return Assembled(embeds, mask, self.position_ids(mask, layouts), labels, spans)
 
     # ---- running the frozen model -------------------------------------------------------------
     def forward(self, batch: Assembled, output_hidden_states: bool = False, with_loss: bool = False) -> Any:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from mmict.backbones.base import IGNORE_INDEX, Assembled, Backbone
-from mmict.segments import Embeds, Image, Pixels, Prompt, Text
+from mmict.segments import Image, Pixels, Prompt, Text
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Blip2Backbone(Backbone):
         if not self.is_encoder_decoder:
             return super().count_tokens(prompt, image_tokens, add_bos)
         encoder, _ = self._split_target(prompt)
-        return super().count_tokens(encoder, image_tokens, add_bos=False) + int(add_bos)
+        return super().count_tokens(encoder, image_tokens, add_bos)
 
     @property
     def decoder_layer_cls(self) -> type[nn.Module]:
@@ -118,56 +118,44 @@ class Blip2Backbone(Backbone):
         return hidden if norm is None else norm(hidden)  # OPT-350m style post-norm models have none
 
     # ---- assembly -----------------------------------------------------------------------------
-    def _special(self, token_id: int) -> Embeds:
-        """One special token as an Embeds segment, so it can go where the base assembly puts no BOS."""
-        ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
-        return Embeds(self.embed_tokens(ids))
+    @property
+    def image_placeholder(self) -> None:
+        """None: `Blip2Processor` keeps images out of the text (their query tokens go in front of the tokenized
+        text), so the text between two images is tokenised on its own (`mmict.backbones.tokens`)."""
+        return None
+
+    def special_token_layout(self, prompt: Prompt, add_bos: bool = True) -> tuple[int, list[int], list[int]]:
+        """OPT: BOS right after a leading image, else first. Flan-T5 (the encoder prompt): EOS last, no BOS.
+        `add_bos=False` leaves out the tokenizer's special token (OPT's BOS, T5's encoder EOS)."""
+        if self.is_encoder_decoder:
+            return 0, [], [self.eos_token_id] if add_bos else []
+        at = 1 if prompt and isinstance(prompt[0], Image) else 0
+        return at, [self.bos_token_id] if add_bos and self.bos_token_id is not None else [], []
 
     def assemble(
         self, prompts: list[Prompt], padding_side: Literal["left", "right"] = "right", add_bos: bool = True
     ) -> Assembled:
-        """As the base assembly, with BLIP-2's special-token layout (module docstring); `add_bos=False` leaves
-        out the tokenizer's special token (OPT's BOS, T5's encoder EOS)."""
+        """As the base assembly, with BLIP-2's special-token layout (module docstring; `special_token_layout`)."""
         self._note_multi_image(prompts)
         if self.is_encoder_decoder:
             return self._assemble_seq2seq(prompts, padding_side, add_bos)
-        if not add_bos or self.bos_token_id is None:
-            return super().assemble(prompts, padding_side, add_bos=False)
-        bos = self._special(self.bos_token_id)
-        at = [1 if prompt and isinstance(prompt[0], Image) else 0 for prompt in prompts]
-        out = super().assemble([[*p[:k], bos, *p[k:]] for p, k in zip(prompts, at)], padding_side, add_bos=False)
-        out.spans = [spans[:k] + spans[k + 1 :] for spans, k in zip(out.spans, at)]  # BOS is no caller's segment
-        return out
+        return super().assemble(prompts, padding_side, add_bos)
 
     def _assemble_seq2seq(self, prompts: list[Prompt], padding_side: str, add_eos: bool) -> Assembled:
-        eos = self._special(self.eos_token_id) if add_eos else None
-        encoder_prompts: list[Prompt] = []
-        targets: list[list[Text]] = []
-        for prompt in prompts:
-            encoder, tail = self._split_target(prompt)
-            encoder_prompts.append([*encoder, eos] if eos is not None else encoder)
-            targets.append(tail)
-        out = super().assemble(encoder_prompts, padding_side, add_bos=False)
-
-        flat = [t for ts in targets for t in ts]
-        ids = iter(self.tokenize([t.text for t in flat]))
-        rows = []
-        for ts in targets:
-            row: list[int] = []
-            for t in ts:
-                row += next(ids) + ([self.eos_token_id] if t.ends_with_eos else [])
-            rows.append(row)
+        split = [self._split_target(prompt) for prompt in prompts]
+        out = super().assemble([encoder for encoder, _ in split], padding_side, add_bos=add_eos)
+        # The decoder's labels: the targets tokenised as one decoded sequence each (EOS after each that ends so).
+        rows = [[i for ids in row for i in ids] for row in self.segment_token_ids([tail for _, tail in split])]
         labels = torch.full((len(prompts), max(map(len, rows), default=0)), IGNORE_INDEX, dtype=torch.long,
                             device=out.inputs_embeds.device)
         for b, row in enumerate(rows):
             labels[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         out.labels = labels
-
         spans = []
-        for enc_spans, ts in zip(out.spans, targets):
-            kept = enc_spans[:-1] if eos is not None else enc_spans
-            end = enc_spans[-1][1] if enc_spans else int(out.attention_mask.shape[1])
-            spans.append(kept + [(end, end)] * len(ts))  # targets live in the decoder: empty encoder spans
+        for b, (enc_spans, (_, tail)) in enumerate(zip(out.spans, split)):
+            real = out.attention_mask[b].nonzero()
+            end = int(real.max()) + 1 if real.numel() else int(out.attention_mask.shape[1])
+            spans.append(enc_spans + [(end, end)] * len(tail))  # targets live in the decoder: empty encoder spans
         out.spans = spans
         return out
 

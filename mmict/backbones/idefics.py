@@ -173,9 +173,18 @@ class Idefics2Backbone(_IdeficsBackbone):
     family = "idefics2"
     model_class = "Idefics2ForConditionalGeneration"
 
+    # Idefics2Processor merges the wrappers of adjacent images ("<fake><fake>" -> "<fake>"): an image right after
+    # another starts at its first <image> token.
+    adjacent_image_shared_rows = 1
+
     @property
     def image_seq_len(self) -> int:
         return self.config.perceiver_config.resampler_n_latents
+
+    def text_after_image(self, text: str) -> str:
+        """Idefics2Processor puts a space between an image's closing wrapper and a word right after it (anything but
+        whitespace or "<"), "so words stay word-boundary aligned"."""
+        return text if text[:1].isspace() or text.startswith("<") else " " + text
 
     def image_layout(self, image: dict[str, torch.Tensor]) -> str:
         # Idefics2Processor: one wrapped block per crop (5 with splitting), then adjacent wrappers merged.

@@ -77,6 +77,13 @@ class Qwen2VLBackbone(Backbone):
         """Positions of a square DEFAULT_IMAGE_SIDE image (wrapper tokens included); other sizes differ."""
         return self._tokens_at_default_size
 
+    @property
+    def image_placeholder(self) -> str:
+        """An image as Qwen's chat template writes it: <|vision_start|><|image_pad|><|vision_end|> (the processor
+        expands the pad; `embed_images` gives the wrappers' rows too)."""
+        ids = [self.config.vision_start_token_id, self.config.image_token_id, self.config.vision_end_token_id]
+        return "".join(self.tokenizer.convert_ids_to_tokens(ids))
+
     # ---- images -------------------------------------------------------------------------------
     def embed_images(self, images: list[Pixels]) -> list[torch.Tensor]:
         if not all(isinstance(img, dict) and {"pixel_values", "image_grid_thw"} <= img.keys() for img in images):

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_modules.augment import AUGMENTATIONS
 from data_modules.shots import ShotPolicy
 from mmict.config.errors import (
     _COMMAND_LINE,
@@ -24,6 +25,8 @@ from mmict.config.errors import (
 )
 from mmict.config.introspection import _SCHEMA_TYPES, _fields, _unwrap_optional
 from mmict.config.schema import (
+    AIM_READ_FORMATS,
+    AIM_READ_SPANS,
     BANK_STORES,
     DEMO_DESIGNS,
     DEMO_MODES,
@@ -39,8 +42,9 @@ from mmict.config.schema import (
     ExperimentConfig,
 )
 from mmict.eval.protocol import DEMO_IMAGE_VIEWS, OVER_CONTEXT, PROTOCOL_NAMES, VQA_SCORINGS, ZERO_SHOT_MODES
-from mmict.eval.tasks import TASKS  # the one task table
+from mmict.eval.tasks import PROMPT_FORMATS, TASKS, get_task  # the one task table
 from mmict.methods import METHOD_NAMES as METHODS  # the registry is the one list of method names
+from mmict.methods.mmict.text_init import TEXT_INITS
 
 
 def _check_tree(node: Mapping[Any, Any], dc: type, prefix: str, source: str, origin: dict[str, str]) -> None:
@@ -142,6 +146,12 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         raise ConfigError(
             f"config key {at('method.aim.mlp_hidden')} must be > 0, or null for the model width"
         )
+    if cfg.method.aim.read_format not in AIM_READ_FORMATS:
+        raise _choice_error("method.aim.read_format", cfg.method.aim.read_format, AIM_READ_FORMATS, origin)
+    if cfg.method.aim.read_span not in AIM_READ_SPANS:
+        raise _choice_error("method.aim.read_span", cfg.method.aim.read_span, AIM_READ_SPANS, origin)
+    if any(not cue for cue in cfg.method.aim.answer_cues):
+        raise ConfigError(f"config key {at('method.aim.answer_cues')} holds an empty cue: every cue must be text")
     if cfg.backbone.dtype not in DTYPES:
         raise _choice_error("backbone.dtype", cfg.backbone.dtype, DTYPES, origin)
     if cfg.trainer.precision not in LIGHTNING_PRECISIONS:
@@ -178,6 +188,8 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise _choice_error(key, value, allowed, origin)
+    if (cfg.eval.min_new_tokens or 0) < 0:
+        raise ConfigError(f"config key {at('eval.min_new_tokens')} must be >= 0 (or null: the protocol's)")
     for key in ("eval.num_queries", "eval.demo_pool_size", "eval.num_beams", "eval.max_new_tokens"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value < 1:
@@ -186,6 +198,18 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
         raise ConfigError(f"config key {at('eval.bank.batch_size')} must be >= 1")
     if cfg.data.task is not None and cfg.data.task not in TASKS:
         raise _choice_error("data.task", cfg.data.task, sorted(TASKS), origin)
+    if cfg.data.prompt_format not in PROMPT_FORMATS:
+        raise _choice_error("data.prompt_format", cfg.data.prompt_format, list(PROMPT_FORMATS), origin)
+    if cfg.data.augment not in AUGMENTATIONS:
+        raise _choice_error("data.augment", cfg.data.augment, AUGMENTATIONS, origin)
+    if cfg.data.augment != "none" and cfg.data.task is None:
+        raise ConfigError(f"config key {at('data.augment')} augments a task's training images (data.task); the web "
+                          "corpus is not augmented. Fix: data.augment=none, or set data.task")
+    for name in {cfg.eval.task, cfg.data.task} - {None}:
+        try:  # a format that does not define the task fails now, not after training
+            get_task(name, cfg.data.prompt_format)
+        except ValueError as e:
+            raise ConfigError(f"config key {at('data.prompt_format')}: {e}") from None
     if cfg.eval.task not in TASKS:  # checked now, not after training
         raise _choice_error("eval.task", cfg.eval.task, sorted(TASKS), origin)
     if cfg.method.demo_design not in DEMO_DESIGNS:
@@ -195,6 +219,14 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
             f"config key {at('method.demo_design')} chooses MMICT's demonstration design; method.name="
             f"{cfg.method.name} has its own. Fix: method.name=mmict, or drop method.demo_design"
         )
+    m = cfg.method.mmict
+    if m.text_init is not None and m.text_init not in TEXT_INITS:
+        raise _choice_error("method.mmict.text_init", m.text_init, TEXT_INITS, origin)
+    if cfg.method.name == "mmict" and m.text_init == "bert" and m.hub_tokenizer is None:
+        raise ConfigError(f"config key {at('method.mmict.text_init')}=bert loads the M-Hub's text branch from the "
+                          "BERT checkpoint method.mmict.hub_tokenizer names, and that is null (the LLM's tokenizer). "
+                          "Fix: method.mmict.hub_tokenizer=bert-base-uncased (or a local BERT folder), or "
+                          "method.mmict.text_init=query_branch")
     modes = DEMO_DESIGNS if cfg.method.name == "mmict" else DEMO_MODES
     for mode in cfg.eval.demo_modes or ():
         if mode not in modes:

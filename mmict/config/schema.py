@@ -24,6 +24,10 @@ EXPERIMENTS_DIR: Path = Path(__file__).resolve().parent.parent.parent / "experim
 DEMO_DESIGNS: tuple[str, ...] = ("fused", "concat", "text", "none")  # MMICT's (mmict/methods/mmict/module.py)
 PROJECTORS: tuple[str, ...] = ("linear", "mlp")
 PROJECTOR_INITS: tuple[str, ...] = ("default", "identity")
+AIM_READ_FORMATS: tuple[str, ...] = ("raw", "chat")  # how AIM reads a demo (mmict/methods/aim/reader.py)
+AIM_READ_SPANS: tuple[str, ...] = ("text", "answer")  # whose positions AIM projects
+# What a demo text's answer follows (the task table's "Short answer:", "Answer:", "Output:"): method.aim.answer_cues
+AIM_ANSWER_CUES: tuple[str, ...] = ("Short answer:", "Answer:", "Output:")
 # "auto": follows the effective precision (mmict/training/precision.py): bfloat16 under bf16-*, else float32.
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
 STRATEGIES: tuple[str, ...] = ("auto", "ddp", "fsdp")
@@ -95,6 +99,9 @@ class BackboneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     # When set and name_or_path does not exist, a tiny random-init model is built there.
     toy: Optional[ToyBackboneConfig] = field(default_factory=ToyBackboneConfig)
+    # The backbone the method's paper used where this one stands in for it (e.g. "Qwen-VL" for AIM's Qwen2-VL
+    # runs): every table and results.json then say the rows are from a substitute, not the paper's model.
+    substitute_for: Optional[str] = None
 
 
 @dataclass
@@ -106,6 +113,16 @@ class AIMConfig:
     # default: PyTorch's Linear init; identity (linear only): fused tokens start as the hidden states
     # themselves, a fit start when `layer` is an early one whose states still look like input embeddings.
     projector_init: str = "default"
+    # How the frozen MLLM reads a demo: raw ([BOS][image][text]) or chat (one user turn, image + instruction, then
+    # the assistant's answer, through the backbone's chat template); the positions read: docs/methods.md#aim.
+    read_format: str = "raw"
+    # Whose hidden states become fused tokens: the demo's whole text (instruction and answer), or its answer only.
+    read_span: str = "text"
+    # A demo text's answer follows the last of these it holds ("Question:{q} Short answer:{a}"); a text with none
+    # (a web document's) is all answer. Read only by read_format=chat or read_span=answer.
+    answer_cues: list[str] = field(default_factory=lambda: list(AIM_ANSWER_CUES))
+    # Text placed after each demo's fused tokens in the query prompt (training and evaluation); null: none.
+    fused_separator: Optional[str] = None
 
 
 @dataclass
@@ -126,6 +143,13 @@ class MMICTConfig:
     hub: HubSizes = field(default_factory=HubSizes)
     init_from_backbone: bool = True  # BLIP-2 backbones: start from the checkpoint's Q-Former, queries, projection
     hub_tokenizer: Optional[str] = None  # the M-Hub's text tokenizer (e.g. bert-base-uncased); null: the LLM's
+    # Where the M-Hub's text branch (word/position embeddings, text feed-forward: BLIP-2 has none) starts: bert
+    # (from hub_tokenizer's BERT checkpoint, as LAVIS) | query_branch (feed-forward copied from the query one,
+    # embeddings random); null: bert when hub_tokenizer is set, else query_branch (mmict/methods/mmict/text_init.py)
+    text_init: Optional[str] = None
+    # The query's M-Hub features read its prompt (text-conditioned) or not (text-free), at training and evaluation;
+    # null: per design (fused, text: on; concat, none: off, as the reference's vanilla ICT)
+    query_text: Optional[bool] = None
     eoc_trainable: bool = False  # the <eoc> separator's embedding trains (a saved copy) or stays the frozen row
     temporal_embedding: bool = False  # video: a learned per-frame embedding on the frames' vision tokens
     max_frames: int = 32  # frames the temporal embedding covers
@@ -179,6 +203,13 @@ class DataConfig:
     # = query and demos drawn from that task's train split (MMICT), validated on `val_split`.
     task: Optional[str] = None
     val_split: str = "val"
+    # The tasks' prompt formats, the same in training and evaluation (mmict/eval/tasks.py PROMPT_FORMATS):
+    # openflamingo (OpenFlamingo's few-shot prompts) or mmict_reference (MMICT's reference: caption instructions,
+    # bare cleaned captions as demo texts, "Question: {}Short answer:").
+    prompt_format: str = "openflamingo"
+    # Training image augmentation: none, or mmict_reference (LAVIS's blip2_image_train: RandomResizedCrop to the
+    # backbone's size, scale 0.5-1, bicubic, then a random horizontal flip), on task episodes only.
+    augment: str = "none"
     corpus: str = "web"  # the web corpus's folder under root (`mmict data convert mmc4 --out <root>/<corpus>/...`)
     # Web documents: drop images whose MMC4 image-text similarity is below this (OpenFlamingo: 0.24), and
     # images whose shorter side is below min_image_size pixels; both counted in the skip report.
@@ -265,7 +296,8 @@ class BankConfig:
 class EvalConfig:
     enabled: bool = True
     # The named preset that pins every setting that moves a number (mmict/eval/protocol.py, docs/evaluation.md):
-    # openflamingo (OpenFlamingo's harness, point by point) or mmict (this framework's earlier protocol). Settings
+    # openflamingo (OpenFlamingo's harness, point by point), mmict_reference (MMICT's reference code) or mmict
+    # (this framework's earlier protocol). Settings
     # below left null take the protocol's value; one set otherwise is applied and named in every table.
     protocol: str = "mmict"
     shots: list[int] = field(default_factory=lambda: [0, 2, 4])
@@ -277,6 +309,7 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # null: the protocol's (openflamingo: VQA 5, TextVQA 10, captions 20)
     num_beams: Optional[int] = None  # null: the protocol's (openflamingo: 3; mmict: greedy VQA, 3 for captions)
     length_penalty: Optional[float] = None  # null: the protocol's (openflamingo: 0.0; mmict: the model's default)
+    min_new_tokens: Optional[int] = None  # null: the protocol's (mmict_reference: captions 8, VQA 1; others: 0)
     # What 0 shots shows: text_demos (OpenFlamingo's: 2 text-only demos), none (no demos), both; null: the protocol's
     zero_shot: Optional[str] = None
     # Random demos come from a fixed random subset of this many train examples per seed; null: the protocol's

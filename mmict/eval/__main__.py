@@ -31,6 +31,10 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     module = METHODS[cfg.method.name](cfg)
     check_checkpoint_backbone(state, module.backbone)
     module.load_state_dict(state["state_dict"])
+    # The module's own checkpoint hook, as Lightning calls it when it restores: what a method keeps beside its
+    # weights (AIM: the shots it was trained on, for the table's header; MMICT: a warning when the checkpoint's
+    # query-text setting differs from the config's).
+    module.on_load_checkpoint(state)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     rows, report, *_ = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
     print(report)

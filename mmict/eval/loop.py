@@ -32,6 +32,7 @@ from mmict.eval.protocol import Decoding, ResolvedProtocol, mmict_protocol
 from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
 from mmict.prompts import MODE_NAMES, PROMPT_MODE
+from mmict.segments import Text
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,16 @@ class ContextCounter:
                 separator: str) -> list[int]:
         batch = episode_batch(queries, demos, task, demo_separator=separator, image_of=_ImageStandIn)
         prompts = self.module.batch_prompts(batch, demo_mode=PROMPT_MODE.get(mode, mode), with_target=False)
+        if task.kind == "classify":  # each class name is scored inside the prompt (likelihood.py): the longest
+            count = self.backbone.count_tokens
+            return [max(count([*p, Text(c, target=True, eos=False)], image_tokens=self.image_tokens)
+                        for c in task.classes) for p in prompts]
         return [self.backbone.count_tokens(p, image_tokens=self.image_tokens) for p in prompts]
 
 
 def answer_tokens(module, task: Task, protocol: ResolvedProtocol) -> int:
-    """The tokens a query adds after its prompt: the generation budget, or the longest class name (classify)."""
+    """The tokens a query adds after its measured prompt: the generation budget, or the longest class name
+    tokenised alone (classify: measured prompts exclude it; `ContextCounter.lengths` counts it in context)."""
     if task.kind == "classify":
         return max(len(ids) for ids in module.backbone.tokenize(list(task.classes)))
     return protocol.decoding.max_new_tokens
@@ -250,7 +256,8 @@ def evaluate(
         base = dict(method=mode, shots=k, seed=seed, num_queries=len(qs), demos_shown=demos_shown(k, mode, protocol),
                     model_max_positions=limit, query_ids=[q.id for q in qs])
         if limit is not None and prompt_mode in getattr(module, "preflight_modes", ()):
-            longest = max(counter.lengths(qs, demos, task, mode, protocol.demo_separator)) + answer_len
+            longest = max(counter.lengths(qs, demos, task, mode, protocol.demo_separator)) + (
+                0 if task.kind == "classify" else answer_len)
             if longest > limit and protocol.over_context == "skip":
                 log.warning("%s at %d shots (seed %d): the longest prompt needs %d positions, the language model has "
                             "%d: not run, reported as over context (eval.over_context=run scores it anyway, "

@@ -8,6 +8,8 @@ silently overridden) and named: the protocol is then reported as e.g. "openflami
 
 - `openflamingo` reproduces OpenFlamingo's evaluation harness (mlfoundations/open_flamingo, open_flamingo/eval/,
   commit 655f693), point by point; the references are in the comments below and in docs/evaluation.md.
+- `mmict_reference` follows MMICT's reference code (KDEGroup/MMICT, lavis/projects/blip2/train/mmict.yaml): its
+  prompt format (`data.prompt_format: mmict_reference`), 5 beams, captions 8-30 tokens, VQA 1-10, every test example.
 - `mmict` is this framework's own earlier protocol (greedy short answers, the first N queries in file order, the
   whole train split as demo pool, no demos at 0 shots, sample std over seeds). Kept for continuity with earlier
   runs and for the toy world; its differences from the harness are listed in docs/evaluation.md.
@@ -25,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-PROTOCOL_NAMES = ("openflamingo", "mmict")
+PROTOCOL_NAMES = ("openflamingo", "mmict", "mmict_reference")
 ZERO_SHOT_MODES = ("text_demos", "none", "both")
 ZeroShot = Literal["text_demos", "none", "both"]
 OVER_CONTEXT = ("skip", "run")
@@ -70,6 +72,7 @@ class ResolvedProtocol:
     spread: Literal["population", "sample"]  # std over trials: np.nanstd (ddof=0) or statistics.stdev (ddof=1)
     demo_separator: str  # after each demo's text
     caption_pool: Literal["train", "train+restval"]  # Karpathy splits the caption demo pool holds
+    prompt_format: str  # the tasks' prompt formats (data.prompt_format; mmict.eval.tasks.PROMPT_FORMATS)
     demo_image_view: Literal["full", "base"]  # demo images at the model's full view, or base view only
     over_context: Literal["skip", "run"]  # a trial whose longest prompt exceeds the LM's positions
     # VQA accuracy's leave-one-out: "official" (by position) or "openflamingo" (VizWiz / TextVQA: equal answers left
@@ -169,8 +172,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "spread": "sample",
         "caption_pool": "train+restval",
         "vqa_scoring": "official",  # one answer left out by position, as the official VQA code and lmms-eval
+        "prompt_format": "openflamingo",
     },
 }
+PRESETS["openflamingo"]["prompt_format"] = "openflamingo"  # the prompt format each protocol's numbers are made with
+# KDEGroup/MMICT: no OpenFlamingo 0-shot, no RICES, the whole test split (eval.num_queries: null in its experiments),
+# one answer left out by position: `mmict`'s settings, with MMICT's prompts and decoding (below).
+PRESETS["mmict_reference"] = {**PRESETS["mmict"], "prompt_format": "mmict_reference"}
+
+# MMICT's reference decoding (mmict.yaml `run`: num_beams 5; captions max_len 30, min_len 8; VQA max_len 10,
+# min_len 1), passed to generate as max_new_tokens=max_len, min_length=min_len, length_penalty=1.0 (blip2_t5.py
+# generate, lines 348-359 and 445-458). HF's min_length counts the decoder's start token for an encoder-decoder LM
+# (Flan-T5), and only new tokens for a decoder-only one given input embeddings (OPT) in the reference's pinned
+# transformers 4.33.2 (requirements.txt): translated to min_new_tokens, which means the same in every version.
+_MMICT_REFERENCE_DECODING = {"caption": (5, 30, 8), "vqa": (5, 10, 1)}
 
 
 def end_of_chunk(tokenizer: Any) -> str:
@@ -190,7 +205,8 @@ def demo_separator(name: str, task_style: str, eoc: str) -> str:
     return eoc if task_style == "classify" else eoc + "\n"
 
 
-def resolve(ev: Any, task: Any, *, selection: str, eoc: str = "") -> ResolvedProtocol:
+def resolve(ev: Any, task: Any, *, selection: str, eoc: str = "", prompt_format: str = "openflamingo",
+            encoder_decoder: bool = False) -> ResolvedProtocol:
     """The protocol of `ev` (the `eval` config) for `task` (an `mmict.eval.tasks.Task`).
 
     A setting left unset (None) takes the preset's value; one set to something else is applied and named in
@@ -208,7 +224,10 @@ def resolve(ev: Any, task: Any, *, selection: str, eoc: str = "") -> ResolvedPro
         return user
 
     if task.kind == "generate":
-        if name == "openflamingo":
+        if name == "mmict_reference":
+            beams, max_len, min_len = _MMICT_REFERENCE_DECODING["caption" if task.style == "caption" else "vqa"]
+            default = Decoding(beams, max_len, 1.0, min_new_tokens=min_len - 1 if encoder_decoder else min_len)
+        elif name == "openflamingo":
             style = "caption" if task.style == "caption" else "vqa"
             default = Decoding(3, _OPENFLAMINGO_TASK_MAX_NEW_TOKENS.get(task.name, _OPENFLAMINGO_MAX_NEW_TOKENS[style]),
                                0.0)
@@ -220,6 +239,7 @@ def resolve(ev: Any, task: Any, *, selection: str, eoc: str = "") -> ResolvedPro
             pick("num_beams", ev.num_beams, default.num_beams),
             pick("max_new_tokens", ev.max_new_tokens, default.max_new_tokens),
             pick("length_penalty", ev.length_penalty, default.length_penalty),
+            pick("min_new_tokens", getattr(ev, "min_new_tokens", None), default.min_new_tokens),
         )
     else:
         decoding = None
@@ -238,6 +258,8 @@ def resolve(ev: Any, task: Any, *, selection: str, eoc: str = "") -> ResolvedPro
         spread=preset["spread"],
         demo_separator=demo_separator(name, task.kind if task.kind == "classify" else task.style, eoc),
         caption_pool=preset["caption_pool"],
+        prompt_format=pick("prompt_format", None if prompt_format == preset["prompt_format"] else prompt_format,
+                           preset["prompt_format"]),
         demo_image_view=ev.demo_image_view,
         over_context=ev.over_context,
         vqa_scoring=pick("vqa_scoring", getattr(ev, "vqa_scoring", None), preset["vqa_scoring"]),
@@ -250,6 +272,7 @@ def mmict_protocol(**changes: Any) -> ResolvedProtocol:
     base = ResolvedProtocol(
         name="mmict", zero_shot="none", zero_shot_text_demos=2, decoding=None, demo_pool_size=None,
         query_subset="first", num_queries=None, rices_model=None, rices_pretrained=None, spread="sample",
-        demo_separator=" ", caption_pool="train+restval", demo_image_view="full", over_context="skip",
+        demo_separator=" ", caption_pool="train+restval", prompt_format="openflamingo", demo_image_view="full",
+        over_context="skip",
         vqa_scoring="official")
     return replace(base, **changes)

@@ -25,7 +25,7 @@ from mmict.eval.postprocess import get_postprocessor
 from mmict.eval.protocol import ID_LESS_VQA_TASKS, ResolvedProtocol, end_of_chunk, resolve
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import Task, get_task
-from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown
+from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown, trained_shots_line, trained_shots_of
 from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
 from mmict.runs.folders import unique_path, write_text_unique
 from mmict.runs.record import versions
@@ -134,11 +134,12 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
 
     Returns the summary rows and the report (markdown), with the chance rate and metric they are read against."""
     ev = cfg.eval
-    task = get_task(ev.task)
+    task = get_task(ev.task, cfg.data.prompt_format)
     if ev.postprocess:
         task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
     backbone = module.backbone
-    protocol = resolve(ev, task, selection=ev.selection, eoc=end_of_chunk(backbone.tokenizer))
+    protocol = resolve(ev, task, selection=ev.selection, eoc=end_of_chunk(backbone.tokenizer),
+                       prompt_format=cfg.data.prompt_format, encoder_decoder=backbone.is_encoder_decoder)
     if protocol.vqa_scoring == "openflamingo" and task.name in ID_LESS_VQA_TASKS:
         task = dataclasses.replace(task, score=vqa_accuracy_openflamingo)
     # Checked before any data is read: a family without a base view refuses eval.demo_image_view=base.
@@ -166,7 +167,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    how = how_made(protocol, task, ev, backbone, drawn)
+    trained = trained_shots_of(module)
+    how = how_made(protocol, task, cfg, backbone, drawn, trained=trained)
     report = report_markdown(rows, chance, task.metric, how)
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint,
@@ -183,7 +185,11 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         # classify tasks generate nothing: their classes are scored by length-normalised log-likelihood
         "decoding": dataclasses.asdict(protocol.decoding) if protocol.decoding else {"classes": list(task.classes)},
         "model_max_positions": backbone.max_positions, "model_max_positions_source": backbone.max_positions_source,
+        "backbone": {"family": cfg.backbone.family, "name_or_path": cfg.backbone.name_or_path,
+                     "substitute_for": OmegaConf.select(cfg, "backbone.substitute_for")},
         "chance": chance, "aim_vs_icl": comparison,
+        # episodes per demo count the module was trained on (AIM; null: unknown), beside the shots evaluated here
+        "trained_shots": None if trained is None else {str(k): n for k, n in sorted(trained.items())},
         "bank": None if bank is None else {"dir": str(bank.path), **bank.stats},
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
@@ -201,8 +207,10 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     return EvalOutcome(rows, report, chance, task.metric, how)
 
 
-def how_made(protocol: ResolvedProtocol, task: Task, ev: DictConfig, backbone, drawn: dict) -> list[str]:
+def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, drawn: dict,
+             trained: dict[int, int] | None = None) -> list[str]:
     """The lines above a table that say how its numbers were made."""
+    ev = cfg.eval
     sizes = sorted({d["num_queries"] for d in drawn.values()})
     subset = next(iter(drawn.values()))["query_subset"] if drawn else "n/a"
     zero = {"text_demos": f"0-shot = {protocol.zero_shot_text_demos} text-only demos (OpenFlamingo)",
@@ -213,17 +221,23 @@ def how_made(protocol: ResolvedProtocol, task: Task, ev: DictConfig, backbone, d
     else:
         d = protocol.decoding
         lp = "model default" if d.length_penalty is None else f"{d.length_penalty:g}"
-        decoding = f"{d.num_beams} beam(s), length_penalty {lp}, max {d.max_new_tokens} new tokens"
+        decoding = f"{d.num_beams} beam(s), length_penalty {lp}, max {d.max_new_tokens} new tokens" + (
+            f", min {d.min_new_tokens}" if d.min_new_tokens else "")
     selection = ev.selection + (" (in-episode)" if task.episodic else "")
     if ev.selection == "rices":
         selection += f" (CLIP {protocol.rices_model} / {protocol.rices_pretrained})"
     elif protocol.demo_pool_size is not None:
         selection += f" from {protocol.demo_pool_size} train examples per seed"
     limit = backbone.max_positions
+    substitute = OmegaConf.select(cfg, "backbone.substitute_for")
+    model = f"{cfg.backbone.family}: {cfg.backbone.name_or_path}" + (
+        f" (a substitute for the paper's {substitute}: not the paper's backbone)" if substitute else "")
     return [
-        f"Protocol: {protocol.label}",
+        f"Backbone: {model}",
+        f"Protocol: {protocol.label}; prompt format {protocol.prompt_format}",
         f"Shots: {list(ev.shots)} ({zero}); trials (seeds): {list(ev.seeds)}, mean ± {protocol.spread} std over "
         "trials",
+        *trained_shots_line(trained, ev.shots),  # the module's histogram of demos per training episode, if known
         f"Queries per trial: {', '.join(map(str, sizes))} ({subset})",
         f"Demo selection: {selection}; demo separator {protocol.demo_separator!r}; demo images: "
         f"{protocol.demo_image_view} view",

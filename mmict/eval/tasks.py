@@ -8,8 +8,9 @@ workers under any start method.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from data_modules.downstream import Example
@@ -59,6 +60,11 @@ class Task:
     # `headline` entry, so a metric is computed once.
     corpus_metrics: Callable[[list[Any], list[Any]], dict[str, float]] | None = None
     headline: str = ""
+    # Training only (`data_modules.task_episodes`): query prompts drawn at random per episode (MMICT's reference
+    # draws a caption instruction per sample), and the target text as training sees it (its caption cleaning).
+    train_prompts: tuple[str, ...] = ()
+    train_target: Callable[[str], str] | None = None
+    prompt_format: str = "openflamingo"  # which prompt formats these are (PROMPT_FORMATS)
 
     def __post_init__(self) -> None:
         if not self.folder:
@@ -183,7 +189,83 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
+# ---------------------------------------------------------------------------------------------------------------
+# MMICT's reference task setup (KDEGroup/MMICT, lavis/projects/blip2/train/mmict.yaml and lavis/models/blip2_models/
+# blip2_t5.py): a caption query is prompted with an instruction (training: one of six at random per sample,
+# `split_caption`, blip2_t5.py lines 124-135; evaluation: fixed, the first of the list, since the repository has no
+# evaluation script to say which), a demo's text is its bare caption; both through LAVIS's caption cleaning
+# (`BlipCaptionProcessor.pre_caption`, lavis/processors/blip_processors.py lines 49-70). VQA: "Question: {}Short
+# answer:" (mmict.yaml, the VQA block), a demo's text the prompt followed by its answer.
+# ---------------------------------------------------------------------------------------------------------------
+
+MMICT_CAPTION_INSTRUCTIONS = {
+    "video": ("A short video caption:", "A video that shows", "Write a short description for the video.",
+              "Briefly describe the content of the video.",
+              "Use a few words to illustrate what is happening in the video.",
+              "Can you briefly explain what you see in the video?"),
+    "image": ("A short image caption:", "An image that shows", "Write a short description for the image.",
+              "Briefly describe the content of the image.",
+              "Use a few words to illustrate what is happening in the image.",
+              "Can you briefly explain what you see in the image?"),
+}
+_VIDEO_TASKS = ("msvd_caption", "msrvtt_caption", "msvd_qa", "msrvtt_qa")
+
+
+def clean_caption(caption: str, max_words: int = 50) -> str:
+    """LAVIS's `BlipCaptionProcessor.pre_caption`, verbatim in effect: lower case, the characters .!"()*#:;~ to
+    spaces, runs of whitespace to one space, stripped, at most `max_words` words."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def _mmict_video_caption_prompt(q: Example) -> str:
+    return MMICT_CAPTION_INSTRUCTIONS["video"][0]
+
+
+def _mmict_image_caption_prompt(q: Example) -> str:
+    return MMICT_CAPTION_INSTRUCTIONS["image"][0]
+
+
+def _mmict_caption_demo(d: Example) -> str:
+    return clean_caption(d.answers[0])
+
+
+def _mmict_vqa_prompt(q: Example) -> str:
+    return f"Question: {q.question}Short answer:"
+
+
+def _mmict_vqa_demo(d: Example) -> str:
+    return f"Question: {d.question}Short answer:{d.answers[0]}"
+
+
+def _mmict_reference(task: Task) -> Task:
+    if task.style == "caption":
+        video = task.name in _VIDEO_TASKS
+        return replace(task, query_prompt=_mmict_video_caption_prompt if video else _mmict_image_caption_prompt,
+                       demo_text=_mmict_caption_demo, train_prompts=MMICT_CAPTION_INSTRUCTIONS[
+                           "video" if video else "image"], train_target=clean_caption,
+                       prompt_format="mmict_reference")
+    if task.style == "vqa":
+        return replace(task, query_prompt=_mmict_vqa_prompt, demo_text=_mmict_vqa_demo,
+                       prompt_format="mmict_reference")
+    raise ValueError(f"prompt format mmict_reference (MMICT's reference setup) defines caption and VQA tasks; "
+                     f"{task.name} is neither: use data.prompt_format=openflamingo")
+
+
+PROMPT_FORMATS: dict[str, Callable[[Task], Task]] = {
+    "openflamingo": lambda task: task,  # the table's own formats: OpenFlamingo's few-shot prompts
+    "mmict_reference": _mmict_reference,
+}
+
+
+def get_task(name: str, prompt_format: str = "openflamingo") -> Task:
+    """The task `name` with its prompts in `prompt_format` (`data.prompt_format`: training and evaluation use the
+    same)."""
     if name not in TASKS:
         raise ValueError(f"unknown eval.task {name!r}; known: {sorted(TASKS)}")
-    return TASKS[name]
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown data.prompt_format {prompt_format!r}; known: {list(PROMPT_FORMATS)}")
+    return PROMPT_FORMATS[prompt_format](TASKS[name])

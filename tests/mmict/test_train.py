@@ -44,8 +44,12 @@ def test_run_folder_has_everything(finished_run):
     run = summary["run_dir"]
     run = Path(run)
     for name in ("config.yaml", "logs/metrics.csv", "loss.png", "checkpoints/last.ckpt", "eval/results.json",
-                 "eval/results.md", "eval/score_vs_shots.png", "eval/cost_vs_shots.png", "skipped_samples.json"):
+                 "eval/results.md", "eval/score_vs_shots.png", "eval/cost_vs_shots.png", "skipped_samples.json",
+                 "trained_shots.json"):
         assert (run / name).exists(), name
+    # AIM's demos per training episode, in results.json beside the shots evaluated
+    trained = json.loads((run / "trained_shots.json").read_text())["episodes_per_shot_count"]
+    assert json.loads((run / "eval/results.json").read_text())["trained_shots"] == trained
     assert summary["loss"]["first"] > 0 and summary["loss"]["last"] < summary["loss"]["first"]
     results = json.loads((run / "eval/results.json").read_text())
     methods = {(r["method"], r["shots"]) for r in results["summary"]}
@@ -75,10 +79,10 @@ def test_companion_trains_on_the_same_backbone_and_joins_the_table(finished_run)
     joint = json.loads((Path(summary["run_dir"]) / "eval/methods.json").read_text())
     methods = {(r["method"], r["shots"]) for r in joint["summary"]}
     assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
-                       ("text-only demos", 2), ("MMICT (M-Hub text features)", 2),
-                       ("zero-shot [toy_mmict_binding]", 0)}  # MMICT's own zero-shot: M-Hub query features
+                       ("text-only demos", 2), ("MMICT (M-Hub text features; text-conditioned query features)", 2),
+                       ("zero-shot (no demos, M-Hub query; text-conditioned query features)", 0)}
     assert (Path(summary["run_dir"]) / "eval/methods_vs_shots.png").exists()
-    assert "MMICT (M-Hub text features)" in summary["eval_report"]
+    assert "MMICT (M-Hub text features; text-conditioned query features)" in summary["eval_report"]
 
 
 def test_checkpoint_is_trainable_weights_and_config(finished_run):
@@ -139,7 +143,8 @@ def test_mmict_trains_on_the_task_and_its_checkpoint_evaluates(tmp_path_factory,
     assert summary["val_loss"]["after"] < summary["val_loss"]["before"]  # validated on data.val_split=test
     results = json.loads((run / "eval/results.json").read_text())
     assert {(r["method"], r["shots"]) for r in results["summary"]} == {
-        ("zero-shot", 0), ("vanilla ICT (visual features + demo text)", 2)}
+        ("zero-shot (no demos, M-Hub query; text-free query features)", 0),
+        ("vanilla ICT (visual features + demo text; text-free query features)", 2)}  # the reference's vanilla ICT
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all(k.startswith("hub.") for k in ckpt["state_dict"])  # no frozen weights
     rows = evaluate_checkpoint(run / "checkpoints/last.ckpt", ["eval.shots=[2]"])

@@ -27,6 +27,7 @@ def builder(variant: str):
     return importlib.import_module(f"tiny_models.{FAMILY_MODULES[variant]}")
 
 
-def save_tiny(variant: str, path: Path) -> Path:
-    """Write the tiny model of `variant` (a family name, or blip2_t5) to `path`; returns `path`."""
-    return builder(variant).save_tiny(Path(path), variant=variant)
+def save_tiny(variant: str, path: Path, **options) -> Path:
+    """Write the tiny model of `variant` (a family name, or blip2_t5) to `path`; returns `path`. `options` go to
+    the family's builder (e.g. `tokenizer="real"`, `chat_template=True`)."""
+    return builder(variant).save_tiny(Path(path), variant=variant, **options)

@@ -3,7 +3,8 @@
 Both load with family "blip2" (the adapter picks OPT or T5 from `config.use_decoder_only_language_model`).
 Each folder holds the model, a word-level tokenizer that adds special tokens like the real one (OPT: "</s>"
 as BOS in front; T5: "</s>" as EOS at the end, no BOS), the BLIP image processor and `Blip2Processor`
-(which writes `num_query_tokens` "<image>" tokens in front of the tokenized text).
+(which writes `num_query_tokens` "<image>" tokens in front of the tokenized text). `tokenizer="real"` uses the kind
+the checkpoints have instead (`real_tokenizers`: OPT's byte-level BPE, Flan-T5's SentencePiece unigram).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import WORDS, word_tokenizer
+from .real_tokenizers import byte_level_bpe, t5_unigram
 
 IMAGE_SIZE, PATCH = 16, 8
 NUM_QUERY_TOKENS = 4
@@ -36,7 +38,7 @@ def t5_tokenizer() -> Any:
 
 
 def build(variant: str = "blip2", seed: int = 0, decoder_layers: int | None = None,
-          image_token_as_string: bool = False) -> tuple[Any, Any]:
+          image_token_as_string: bool = False, tokenizer: str = "word") -> tuple[Any, Any]:
     """(model, processor) of a tiny BLIP-2 with the LM `variant` names.
 
     `decoder_layers`: a T5 decoder deeper than its 2-layer encoder (transformers 5.25's generate fails on
@@ -56,8 +58,9 @@ def build(variant: str = "blip2", seed: int = 0, decoder_layers: int | None = No
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown BLIP-2 variant '{variant}': use one of {VARIANTS}")
+    real = tokenizer == "real"
     if variant == "blip2_t5":
-        tokenizer = t5_tokenizer()
+        tokenizer = t5_unigram(["<image>"]) if real else t5_tokenizer()
         text = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2,
                         num_decoder_layers=decoder_layers or 2, num_heads=2, relative_attention_num_buckets=8,
                         relative_attention_max_distance=32,
@@ -65,8 +68,9 @@ def build(variant: str = "blip2", seed: int = 0, decoder_layers: int | None = No
                         eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     else:
         # OPT's tokenizer uses </s> as BOS and EOS (both id 2 in the real one).
-        tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"} if image_token_as_string else None,
-                                   bos="</s>", eos="</s>")
+        extra = {"image_token": "<image>"} if image_token_as_string else None
+        tokenizer = (byte_level_bpe("gpt2", ["<image>"], extra) if real
+                     else word_tokenizer(["<image>"], extra, bos="</s>", eos="</s>"))
         text = OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=32, ffn_dim=64,
                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128,
                          do_layer_norm_before=True, bos_token_id=tokenizer.bos_token_id,
@@ -91,7 +95,9 @@ def build(variant: str = "blip2", seed: int = 0, decoder_layers: int | None = No
     return model, processor
 
 
-def save_tiny(path: Path, variant: str = "blip2", **options: Any) -> Path:
+def save_tiny(path: Path, variant: str = "blip2", chat_template: bool = False, **options: Any) -> Path:
+    if chat_template:
+        raise ValueError("BLIP-2 checkpoints have no chat template")
     model, processor = build(variant, **options)
     model.save_pretrained(path)
     processor.save_pretrained(path)  # tokenizer, image processor and processor_config (num_query_tokens)

@@ -3,14 +3,18 @@ connector + Llama) checkpoints, saved with their processors like hub checkpoints
 
 Both image processors split images into crops by default here (Idefics2's 4 quarters + the whole image,
 Idefics3's grid of `max_image_size` tiles + a global view), so a single image already takes several crops;
-`image_splitting=False` saves the one-crop setting.
+`image_splitting=False` saves the one-crop setting. `tokenizer="real"` uses the kind of tokenizer the checkpoints have
+(Idefics2: SentencePiece Llama/Mistral, legacy=False; Idefics3: Llama 3's byte-level BPE; see `real_tokenizers`);
+`chat_template=True` saves the checkpoint's chat template with the processor.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .chat_templates import TEMPLATES
 from .common import word_tokenizer
+from .real_tokenizers import byte_level_bpe, sentencepiece_llama
 
 FAKE, IMAGE, END_OF_UTTERANCE, GLOBAL = "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"
 ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]  # Idefics3's tile tags, up to 6x6
@@ -25,10 +29,12 @@ IDEFICS3_SEQ_LEN = (IDEFICS3_TILE // IDEFICS3_PATCH) ** 2 // IDEFICS3_SCALE**2
 INIT_STD = 0.1  # well above transformers' 0.02, so a wrong image feature visibly moves the logits
 
 
-def _tokenizer(variant: str):
+def _tokenizer(variant: str, kind: str = "word"):
     from tokenizers import AddedToken
 
     special = [FAKE, IMAGE, END_OF_UTTERANCE] + ([GLOBAL, *ROW_COL] if variant == "idefics3" else [])
+    if kind == "real":
+        return sentencepiece_llama(special) if variant == "idefics2" else byte_level_bpe("llama3", special)
     tokenizer = word_tokenizer(special)
     # Registered as special added tokens (same ids): matched whole before pre-tokenization and skipped when
     # decoding, as in the hub tokenizers.
@@ -51,12 +57,12 @@ def _vision_kwargs(image_size: int, patch_size: int) -> dict:
                 image_size=image_size, patch_size=patch_size)
 
 
-def _build(variant: str, image_splitting: bool):
+def _build(variant: str, image_splitting: bool, tokenizer_kind: str = "word"):
     """(model, processor) of a variant, random weights deterministic in a fixed seed."""
     import torch
     import transformers as tf
 
-    tokenizer = _tokenizer(variant)
+    tokenizer = _tokenizer(variant, tokenizer_kind)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
     torch.manual_seed(0)
     if variant == "idefics2":
@@ -98,9 +104,12 @@ def _build(variant: str, image_splitting: bool):
     return model, processor
 
 
-def save_tiny(path: Path, variant: str = "idefics2", image_splitting: bool = True) -> Path:
+def save_tiny(path: Path, variant: str = "idefics2", image_splitting: bool = True, tokenizer: str = "word",
+              chat_template: bool = False) -> Path:
     """Write model, tokenizer, image processor and the family's processor to `path`."""
-    model, processor = _build(variant, image_splitting)
+    model, processor = _build(variant, image_splitting, tokenizer)
+    if chat_template:
+        processor.chat_template = TEMPLATES[variant]
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -1,10 +1,15 @@
-"""Tiny LLaVA-1.5 and LLaVA-NeXT checkpoints (CLIP vision tower + Llama LM), with their processors."""
+"""Tiny LLaVA-1.5 and LLaVA-NeXT checkpoints (CLIP vision tower + Llama LM), with their processors.
+
+`tokenizer="word"` (default): a word-level tokenizer; "real": a SentencePiece Llama tokenizer (legacy=False) like the
+checkpoints' (`real_tokenizers`). `chat_template=True` saves the checkpoint's chat template with the processor."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .chat_templates import TEMPLATES
 from .common import word_tokenizer
+from .real_tokenizers import sentencepiece_llama
 
 IMAGE_SIZE, PATCH = 16, 8
 
@@ -26,7 +31,7 @@ def _configs(variant: str, tokenizer):
     return LlavaConfig(**common), None
 
 
-def save_tiny(path: Path, variant: str = "llava") -> Path:
+def save_tiny(path: Path, variant: str = "llava", tokenizer: str = "word", chat_template: bool = False) -> Path:
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -37,7 +42,8 @@ def save_tiny(path: Path, variant: str = "llava") -> Path:
         LlavaProcessor,
     )
 
-    tokenizer = word_tokenizer(["<image>"], {"image_token": "<image>"})
+    build = {"word": word_tokenizer, "real": sentencepiece_llama}[tokenizer]
+    tokenizer = build(["<image>"], {"image_token": "<image>"})
     config, pinpoints = _configs(variant, tokenizer)
     torch.manual_seed(0)
     size = {"shortest_edge": IMAGE_SIZE}
@@ -55,6 +61,8 @@ def save_tiny(path: Path, variant: str = "llava") -> Path:
                                    num_additional_image_tokens=1)
     with torch.no_grad():  # a random LM is nearly uniform; scale it so greedy decoding is not a tie-break
         model.lm_head.weight.mul_(20)
+    if chat_template:
+        processor.chat_template = TEMPLATES[variant]
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

@@ -3,7 +3,8 @@
 Each folder holds the model, a word-level tokenizer with Qwen's special tokens, the Qwen2-VL image
 processor (dynamic resolution: 4-pixel patches, 2x2 merge, so a 32x32 image gives 16 image tokens)
 and the family's full processor, so `load_backbone(variant, path)` loads it like a hub checkpoint and
-`hf_inputs` is exactly what the model's own processor makes.
+`hf_inputs` is exactly what the model's own processor makes. `tokenizer="real"` uses a byte-level BPE
+`Qwen2Tokenizer` (`real_tokenizers`); `chat_template=True` saves Qwen2-VL-Instruct's chat template.
 """
 
 from __future__ import annotations
@@ -25,9 +26,18 @@ MIN_PIXELS, MAX_PIXELS = 16 * 16, 64 * 64  # smart_resize keeps test images betw
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 
 
-def build_tokenizer() -> Any:
+def build_tokenizer(kind: str = "word") -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from .real_tokenizers import byte_level_bpe
+
+    if kind == "real":  # <|endoftext|> is its first token, as in Qwen2's vocabulary; no <unk>, no BOS
+        tokenizer = byte_level_bpe("qwen2", [t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<unk>")],
+                                   {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                    "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+        tokenizer.eos_token = "<|im_end|>"  # as Qwen2-VL-Instruct's
+        return tokenizer
 
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -89,11 +99,15 @@ def build_processor(variant: str, tokenizer: Any) -> Any:
     return processor_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
 
 
-def save_tiny(path: Path, variant: str = "qwen2_vl") -> Path:
+def save_tiny(path: Path, variant: str = "qwen2_vl", tokenizer: str = "word", chat_template: bool = False) -> Path:
+    from .chat_templates import TEMPLATES
+
     path = Path(path)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(tokenizer)
     model = build_model(variant, tokenizer)
     processor = build_processor(variant, tokenizer)
+    if chat_template:
+        processor.chat_template = TEMPLATES[variant]
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)  # tokenizer, image and video processor, processor config

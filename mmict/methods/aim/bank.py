@@ -1,8 +1,10 @@
 """AIM's demonstration bank: what an AIM reading depends on (its key), and a bank of an AIM module's readings.
 
 The bank itself (`mmict.bank.DemoBank`: storage, checksums, staleness) knows nothing of AIM; this module says
-what identifies a stored reading (the backbone, the layer read, the final norm, the store and, for stored
-fused tokens, the projector's weights) and how a missing one is computed.
+what identifies a stored reading (the backbone, the layer read, the final norm, how the demo is read: its
+`read_format`, `read_span`, answer cues and chat template, the store and, for stored fused tokens, the
+projector's weights) and how a missing one is computed. The default reading (raw, whole text) adds nothing to
+the key, so banks built before the reading could be chosen keep theirs; any other reading has its own folder.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from mmict.segments import Pixels
 
 
 def aim_key(backbone: Any, layer: int, final_norm: bool, store: str, projector_hash: str | None,
-            fingerprint: str | None = None) -> dict[str, Any]:
-    """Every part an AIM reading depends on (see the module docstring)."""
+            fingerprint: str | None = None, reading: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every part an AIM reading depends on (see the module docstring); `reading`: `DemoReader.reading_key()`."""
     if store not in STORES:
         raise ValueError(f"unknown bank store '{store}': use one of {STORES}")
     return {
@@ -31,6 +33,7 @@ def aim_key(backbone: Any, layer: int, final_norm: bool, store: str, projector_h
         "final_norm": bool(final_norm),
         "store": store,
         "projector": projector_hash if store == "fused" else None,
+        **({"reading": reading} if reading else {}),  # the default reading keeps the key it always had
     }
 
 
@@ -43,7 +46,8 @@ def aim_bank(module: Any, root: str | Path, *, store: str = "hidden", pool: str 
     reader, backbone = module.reader, module.backbone
     projector_hash = ModuleHash(module.projector) if store == "fused" else None
     final_norm = bool(reader.final_norm and not reader.is_final)  # the final layer is normed either way
-    static = aim_key(backbone, reader.layer, final_norm, store, None)  # the backbone is frozen: fingerprinted once
+    # the backbone is frozen: fingerprinted once
+    static = aim_key(backbone, reader.layer, final_norm, store, None, reading=reader.reading_key())
 
     def key() -> dict[str, Any]:
         return static if projector_hash is None else {**static, "projector": projector_hash()}

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from mmict.backbones import Backbone
 from mmict.bank import DemoBank
+from mmict.batch import EpisodeBatch
+from mmict.config.schema import AIM_ANSWER_CUES
+from mmict.methods.aim import shots
 from mmict.methods.aim.bank import aim_bank
 from mmict.methods.aim.reader import DemoReader, FusedTokenProjector
 from mmict.methods.base import FrozenBackboneModule
+from mmict.segments import Embeds, Prompt, Text
 
 
 class AIMModule(FrozenBackboneModule):
     """Trains only the projector, with next-token cross-entropy on the query's target tokens.
 
     Checkpoints hold the projector and the experiment config, never the frozen backbone (which is
-    reloaded from `backbone.name_or_path`).
+    reloaded from `backbone.name_or_path`), and the histogram of demos per training episode (`trained_shots`).
     """
 
     train_demo_mode = "fused"
@@ -28,10 +33,15 @@ class AIMModule(FrozenBackboneModule):
     def __init__(self, config: DictConfig | dict, backbone: Backbone | None = None) -> None:
         super().__init__(config, backbone)
         aim = self.cfg.method.aim
-        self.reader = DemoReader(self.backbone, layer=aim.layer, final_norm=aim.final_norm)
+        # .get: a config saved before these settings existed reads the way it was trained
+        self.reader = DemoReader(self.backbone, layer=aim.layer, final_norm=aim.final_norm,
+                                 read_format=aim.get("read_format", "raw"), read_span=aim.get("read_span", "text"),
+                                 answer_cues=list(aim.get("answer_cues", AIM_ANSWER_CUES)))
+        self.fused_separator: str | None = aim.get("fused_separator") or None
         d = self.backbone.hidden_size
         self.projector = FusedTokenProjector(d, d, kind=aim.projector, mlp_hidden=aim.mlp_hidden,
                                              init=aim.projector_init)
+        self.shot_counts = shots.ShotCounts()
 
     # ---- the method ---------------------------------------------------------------------------
     bank: DemoBank | None = None  # set by `attach_bank` (evaluation): demos read once, looked up by id
@@ -77,3 +87,38 @@ class AIMModule(FrozenBackboneModule):
         if not tensors:
             return []
         return list(torch.split(torch.cat(tensors).to(device, dtype), [t.shape[0] for t in tensors]))
+
+    def batch_prompts(self, batch: EpisodeBatch, demo_mode: str | None = None,
+                      with_target: bool = True) -> list[Prompt]:
+        """The query prompts, with `method.aim.fused_separator` after each demo's fused tokens when set (training
+        and evaluation build their prompts here alike)."""
+        prompts = super().batch_prompts(batch, demo_mode, with_target)
+        if self.fused_separator is None or (demo_mode or self.train_demo_mode) != "fused":
+            return prompts
+        sep = Text(self.fused_separator)
+        return [[part for seg in prompt for part in ((seg, sep) if isinstance(seg, Embeds) else (seg,))]
+                for prompt in prompts]
+
+    # ---- the shots training realised --------------------------------------------------------------
+    def trained_shots(self) -> dict[int, int] | None:
+        """Training episodes per number of demos they showed (`shots.ShotCounts`); None when unknown (not trained
+        here, or loaded from a checkpoint that did not keep it)."""
+        return self.shot_counts.as_dict()
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
+        self.shot_counts.add(shots.gather_demo_counts(self, batch.demo_counts, int(self.cfg.data.batch_size)))
+        return super().training_step(batch, batch_idx)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            # Loggers only: the json goes to the run folder, which only the training script knows (a Trainer's
+            # default_root_dir falls back to the working directory, where nothing may be written unasked).
+            shots.report(self.trained_shots(), None, self.loggers)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.shot_counts.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.shot_counts.load(checkpoint)

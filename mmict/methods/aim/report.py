@@ -1,10 +1,31 @@
-"""AIM's report beside the methods table: how much of vanilla ICL's gain AIM keeps, and the context it saves."""
+"""AIM's report beside the methods table: how much of vanilla ICL's gain AIM keeps, the context it saves, and the
+shots it was trained on against the shots it is evaluated at."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from mmict.methods.aim.shots import summary
 from mmict.prompts import MODE_NAMES
+
+
+def trained_shots_of(module: Any) -> dict[int, int] | None:
+    """A module's histogram of demos per training episode (`AIMModule.trained_shots`); None for a module that
+    keeps none."""
+    trained_shots = getattr(module, "trained_shots", None)
+    return trained_shots() if callable(trained_shots) else None
+
+
+def trained_shots_line(trained: dict[int, int] | None, shots: Sequence[int]) -> list[str]:
+    """The line above a table that says what k training realised, flagging the evaluated shot counts above the
+    largest trained one; no line when the histogram is unknown."""
+    if not trained:
+        return []
+    top = max(trained)
+    beyond = sorted({int(k) for k in shots if k > top})
+    return [f"Trained on k demos per episode: {summary(trained)}; evaluated shots above {top}: "
+            + (f"{beyond} (beyond training)" if beyond else "none")]
 
 
 def aim_vs_icl(rows: Sequence[dict]) -> list[dict]:

@@ -17,7 +17,8 @@ across the batch and masked.
 
 With a BLIP-2 backbone the M-Hub starts from the checkpoint's Q-Former, query tokens, vision LayerNorm
 and `language_projection`; BLIP-2 checkpoints have no text branch (word and position embeddings, the
-text feed-forward), so those are initialised here and reported (`HubInit`).
+text feed-forward), so it starts per `method.mmict.text_init` (`text_init.py`: BERT's weights, as LAVIS, or
+the query branch's). `HubInit` reports where every part came from.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmict.methods.mmict.text_init import (
+    POSITION,
+    RANDOM_EMBEDDINGS,
+    TEXT_FFN,
+    WORD,
+    is_text_branch,
+    load_bert_text_branch,
+    resolve_text_init,
+)
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
@@ -54,13 +64,14 @@ class HubInit:
 
     source: str  # "fresh" or the backbone checkpoint
     loaded: list[str] = field(default_factory=list)
-    initialised: dict[str, str] = field(default_factory=dict)  # missing key group -> how it was initialised
+    text_init: str = "query_branch"  # method.mmict.text_init, resolved
+    parts: dict[str, str] = field(default_factory=dict)  # each part of the M-Hub -> where its weights came from
 
     def summary(self) -> str:
-        if self.source == "fresh":
-            return "M-Hub: fresh random init (no BLIP-2 checkpoint to start from)"
-        lines = [f"M-Hub initialised from {self.source}: {len(self.loaded)} tensors loaded"]
-        lines += [f"  not in the checkpoint: {k} -> {how}" for k, how in self.initialised.items()]
+        head = "M-Hub: fresh (no BLIP-2 checkpoint to start from)" if self.source == "fresh" else \
+            f"M-Hub initialised from {self.source}: {len(self.loaded)} tensors loaded"
+        lines = [f"{head}; text branch: text_init={self.text_init}"]
+        lines += [f"  {part}: {origin}" for part, origin in self.parts.items()]
         return "\n".join(lines)
 
 
@@ -128,6 +139,7 @@ class MHub(nn.Module):
 
 
 # ---- building one ---------------------------------------------------------------------------------
+_SHARED = "Q-Former (self- and cross-attention, query feed-forward, input LayerNorm)"
 # The Q-Former fields a BLIP-2 checkpoint fixes (the M-Hub must match them to load its weights).
 _BLIP2_QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                          "cross_attention_frequency", "hidden_act", "layer_norm_eps", "hidden_dropout_prob",
@@ -136,9 +148,10 @@ _BLIP2_QFORMER_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_head
 
 def build_hub(backbone: Any, cfg: Any, vocab_size: int, pad_token_id: int) -> tuple[MHub, HubInit]:
     """The M-Hub for `backbone`, from the backbone's BLIP-2 checkpoint when it is one (and
-    `cfg.init_from_backbone`), else fresh with the sizes in `cfg.hub`."""
+    `cfg.init_from_backbone`), else fresh with the sizes in `cfg.hub`; its text branch per `cfg.text_init`."""
     from transformers import InstructBlipQFormerConfig
 
+    text_init = resolve_text_init(cfg.text_init, cfg.hub_tokenizer)
     blip2 = backbone.family == "blip2" and cfg.init_from_backbone
     if blip2:
         q = backbone.config.qformer_config
@@ -154,16 +167,33 @@ def build_hub(backbone: Any, cfg: Any, vocab_size: int, pad_token_id: int) -> tu
                                        encoder_hidden_size=backbone.vision_hidden_size)
     hub = MHub(config, num_query_tokens, backbone.vision_hidden_size, backbone.hidden_size,
                max_frames=cfg.max_frames if cfg.temporal_embedding else 0)
-    if blip2:
-        return hub, _load_blip2(hub, backbone)
+    init = _load_blip2(hub, backbone, text_init) if blip2 else _fresh(hub, backbone, text_init)
+    if text_init == "bert":
+        init.parts.update(load_bert_text_branch(hub.qformer, cfg.hub_tokenizer))
+    if hub.temporal is not None:
+        init.parts["temporal embedding (temporal)"] = "zeros (starts as plain concatenation of the frames)"
+    return hub, init
+
+
+def _fresh(hub: MHub, backbone: Any, text_init: str) -> HubInit:
+    init = HubInit("fresh", text_init=text_init)
+    random = "random (a fresh InstructBLIP Q-Former's init: normal(0, initializer_range))"
+    init.parts["query tokens (query_tokens)"] = random
+    init.parts[_SHARED] = random
     norm = backbone.vision_output_norm()
     if norm is not None:
         hub.vision_norm.load_state_dict(norm.state_dict())
-    return hub, HubInit("fresh")
+    init.parts["vision LayerNorm (vision_norm)"] = \
+        "the backbone's vision output norm" if norm is not None else "ones and zeros (PyTorch's LayerNorm)"
+    init.parts["projection (projection)"] = "random (PyTorch's Linear init)"
+    if text_init == "query_branch":  # a fresh text branch: random, as the rest (the init before issue 21)
+        init.parts.update({WORD: RANDOM_EMBEDDINGS, POSITION: RANDOM_EMBEDDINGS, TEXT_FFN: random})
+    return init
 
 
-def _load_blip2(hub: MHub, backbone: Any) -> HubInit:
-    """Copy BLIP-2's Q-Former, queries, vision LayerNorm and projection; initialise its missing text branch."""
+def _load_blip2(hub: MHub, backbone: Any, text_init: str) -> HubInit:
+    """Copy BLIP-2's Q-Former, queries, vision LayerNorm and projection; under `text_init=query_branch` start the
+    text branch it lacks as before issue 21 (`bert`: `build_hub` loads it from BERT)."""
     model = backbone.model
     source = {f"qformer.{_instructblip_key(k)}": v for k, v in model.qformer.state_dict().items()}
     source["query_tokens"] = model.query_tokens
@@ -176,7 +206,16 @@ def _load_blip2(hub: MHub, backbone: Any) -> HubInit:
         raise RuntimeError(f"BLIP-2 Q-Former keys with no place in the M-Hub: {unknown[:5]} ... ({len(unknown)})")
     hub.load_state_dict({k: source[k].to(own[k].dtype) for k in loaded}, strict=False)
     missing = [k for k in own if k not in source]
-    init = HubInit(str(backbone.name_or_path), loaded=loaded)
+    init = HubInit(str(backbone.name_or_path), loaded=loaded, text_init=text_init)
+    ckpt = f"the BLIP-2 checkpoint ({backbone.name_or_path})"
+    init.parts.update({"query tokens (query_tokens)": f"{ckpt}: query_tokens", _SHARED: f"{ckpt}: qformer",
+                       "vision LayerNorm (vision_norm)": f"{ckpt}: the vision tower's post_layernorm",
+                       "projection (projection)": f"{ckpt}: language_projection"})
+    other = sorted({_group(k) for k in missing if not is_text_branch(k) and not k.startswith("temporal.")})
+    if other:  # none with today's transformers; named, never silent
+        init.parts[f"not in the checkpoint: {', '.join(other)}"] = "random (a fresh Q-Former's init)"
+    if text_init != "query_branch":
+        return init
     # The text feed-forward of every layer starts as a copy of the query feed-forward (the BLIP-2 layer's only
     # one); word and position embeddings start random (std = initializer_range), as in a fresh Q-Former.
     copied = []
@@ -186,13 +225,8 @@ def _load_blip2(hub: MHub, backbone: Any) -> HubInit:
             if twin != key and twin in source:
                 own[key].copy_(source[twin])
                 copied.append(key)
-    if copied:
-        init.initialised["text feed-forward (encoder.layer.*.intermediate/output)"] = \
-            f"copied from the query feed-forward ({len(copied)} tensors)"
-    rest = [k for k in missing if k not in copied]
-    if rest:
-        init.initialised[", ".join(sorted({_group(k) for k in rest}))] = \
-            "random normal(0, initializer_range) (BLIP-2 checkpoints have no Q-Former text embeddings)"
+    init.parts[WORD] = init.parts[POSITION] = f"{RANDOM_EMBEDDINGS} (BLIP-2 checkpoints have no text embeddings)"
+    init.parts[TEXT_FFN] = f"copied from the query feed-forward ({len(copied)} tensors)"
     return init
 
 

@@ -7,11 +7,16 @@ The query prompt, per demonstration design (`method.demo_design`):
 - `text`:                  [demo text][<eoc>] ... [query visual features][prompt][target]
 - `none` (vanilla FT):     [query visual features][prompt][target]
 
-"Query visual features" are the M-Hub's textual-guided visual features of the query image(s) and prompt;
-a demo's visual features under `concat` are its M-Hub query features without text (the demo's text is
-shown to the LLM as words right after). `<eoc>` is a real token of the LLM's tokenizer, added when the
-tokenizer lacks it; frozen (its embedding row, the mean of the table) or trainable (a saved copy of that row)
-by `method.mmict.eoc_trainable`. Everything is handed to the backbone as segments: one assembly path.
+"Query visual features" are the M-Hub's query-position features of the query image(s): textual-guided (the
+M-Hub also reads the prompt) or text-free, per `method.mmict.query_text` (null: per design, `text_init.py`:
+on for fused and text, off for concat and none, as the reference's vanilla ICT has no text branch). It is a
+property of the trained model: evaluation applies the run's setting under every demo mode, and the report
+names it (`mode_labels`). A demo's visual features under `concat` are its M-Hub query features without text
+(the demo's text is shown to the LLM as words right after).
+
+`<eoc>` is a real token of the LLM's tokenizer, added when the tokenizer lacks it; frozen (its embedding row,
+the mean of the table) or trainable (a saved copy of that row) by `method.mmict.eoc_trainable`. Everything is
+handed to the backbone as segments: one assembly path.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mmict.batch import EpisodeBatch
 from mmict.config.schema import DEMO_DESIGNS  # the one list (method.demo_design)
 from mmict.methods.base import FrozenBackboneModule
 from mmict.methods.mmict.hub import HubInit, Visual, build_hub, frames_of
+from mmict.methods.mmict.text_init import resolve_query_text
 from mmict.segments import Embeds, Prompt, Segment, Text
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,7 @@ class MMICTModule(FrozenBackboneModule):
         self.hub, self.hub_init = build_hub(self.backbone, m, vocab_size=len(self.hub_tokenizer),
                                             pad_token_id=self.hub_tokenizer.pad_token_id)
         log.info("%s", self.hub_init.summary())
+        self.query_text = resolve_query_text(m.query_text, self.design)  # the query's features read its prompt
         self.max_text_tokens = self.hub.qformer.config.max_position_embeddings
         self.eoc_id = self.backbone.add_special_token(EOC)
         # Trainable: a saved copy of the token's row (the frozen table itself never trains).
@@ -57,7 +64,12 @@ class MMICTModule(FrozenBackboneModule):
     def train_demo_mode(self) -> str:  # type: ignore[override]
         return self.design
 
-    mode_labels = {"fused": "MMICT (M-Hub text features)", "text": "text-only demos (MMICT-trained)"}
+    @property
+    def mode_labels(self) -> dict[str, str]:  # type: ignore[override]
+        """Report names of the demo modes, each saying which query features this run's model reads."""
+        query = f"text-{'conditioned' if self.query_text else 'free'} query features"
+        return {mode: f"{name} ({what}{'; ' if what else ''}{query})" for mode, (name, what) in _MODE_NAMES.items()}
+
     # Every MMICT prompt holds M-Hub features (the query's, at least): measured as evaluation runs them.
     preflight_modes: tuple[str, ...] = ()
 
@@ -106,7 +118,7 @@ class MMICTModule(FrozenBackboneModule):
             demo_feats = self.text_features(demo_images, demo_texts)
         elif has_demos and design == "concat":
             demo_feats = list(self.query_features(demo_images, None))
-        query_feats = self.query_features(batch.query_images, batch.query_prompts)
+        query_feats = self.query_features(batch.query_images, batch.query_prompts if self.query_text else None)
 
         prompts, offset = [], 0
         for b, k in enumerate(batch.demo_counts):
@@ -127,6 +139,26 @@ class MMICTModule(FrozenBackboneModule):
                 query.append(Text(batch.query_targets[b], target=True))
             prompts.append(self.backbone.wrap_query(demos + query))
         return prompts
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["mmict"]["query_text"] = self.query_text
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Checkpoints written before method.mmict.query_text existed read the prompt under every design.
+        trained = (checkpoint.get("mmict") or {}).get("query_text", True)
+        if trained != self.query_text:
+            log.warning("this checkpoint's M-Hub was trained with text-%s query features; this run gives it "
+                        "text-%s ones (method.mmict.query_text=%s). Set method.mmict.query_text=%s to go on as "
+                        "it was trained", "conditioned" if trained else "free",
+                        "conditioned" if self.query_text else "free", self.query_text, str(trained).lower())
+
+
+# demo mode -> (report name, what the demos are); `mode_labels` adds the query features' variant.
+_MODE_NAMES = {"fused": ("MMICT", "M-Hub text features"), "concat": ("vanilla ICT", "visual features + demo text"),
+               "text": ("text-only demos", ""), "none": ("zero-shot", "no demos, M-Hub query")}
 
 
 def _hub_tokenizer(name_or_path: str | None, backbone: Backbone) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import FAMILY_MODULES, save_tiny
-from tiny_models.common import test_image
+from tiny_models.common import test_image as make_image
 
 from mmict.backbones import load_backbone
 from mmict.backbones.lora import add_lora
@@ -31,8 +31,8 @@ def _load(variant_dir, dtype: str = "float32"):
 
 
 def _demo_batch(bb):
-    images = [bb.image_transform(test_image(color=c)) for c in ((200, 30, 30), (30, 30, 200))]
-    query = bb.image_transform(test_image((32, 20), color=(200, 30, 30)))
+    images = [bb.image_transform(make_image(color=c)) for c in ((200, 30, 30), (30, 30, 200))]
+    query = bb.image_transform(make_image((32, 20), color=(200, 30, 30)))
     return images, ["a red circle", "a blue square"], query
 
 

@@ -9,12 +9,12 @@ import io
 import json
 import math
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import eval_section as eval_cfg
 from PIL import Image as PILImage
 
 from data_modules.downstream import Example
@@ -28,14 +28,6 @@ from mmict.methods.base import FrozenBackboneModule
 from mmict.segments import Image, Text
 
 WORDS = ["red", "blue", "green", "circle", "square", "left", "right"]
-
-
-def eval_cfg(**kw):
-    """An `eval` config section as resolve reads it (the schema's defaults)."""
-    rices = SimpleNamespace(model=kw.pop("rices_model", None), pretrained=kw.pop("rices_pretrained", None))
-    base = dict(protocol="openflamingo", num_beams=None, max_new_tokens=None, length_penalty=None, zero_shot=None,
-                demo_pool_size=None, demo_image_view="full", over_context="skip", num_queries=None, rices=rices)
-    return SimpleNamespace(**{**base, **kw})
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -205,7 +197,8 @@ class Recorder:
 def test_openflamingo_eval_end_to_end(vqa_root, tiny_backbone, tiny_backbone_dir, monkeypatch):
     tmp_path = vqa_root
     cfg = okvqa_cfg(tmp_path, tiny_backbone_dir, "eval.protocol=openflamingo", "eval.shots=[0,2]",
-                    "eval.seeds=[0,1]", "eval.num_queries=6", "eval.demo_pool_size=8")
+                    "eval.seeds=[0,1]", "eval.num_queries=6", "eval.demo_pool_size=8",
+                    "backbone.substitute_for=Qwen-VL")
     module = FrozenBackboneModule(cfg, backbone=tiny_backbone)
     rec = Recorder(module, monkeypatch)
     outcome = run_eval(module, cfg, tmp_path / "eval")
@@ -236,6 +229,9 @@ def test_openflamingo_eval_end_to_end(vqa_root, tiny_backbone, tiny_backbone_dir
     assert subsets["0"]["query_positions"] != subsets["1"]["query_positions"]
     # the table says how it was made
     md = (tmp_path / "eval" / "results.md").read_text()
+    # a stand-in backbone is labelled as such (AIM's Qwen2-VL rows: the paper used Qwen-VL)
+    assert results["backbone"]["substitute_for"] == "Qwen-VL"
+    assert "(a substitute for the paper's Qwen-VL: not the paper's backbone)" in outcome.report
     for line in ("Protocol: openflamingo (modified: demo_pool_size=8)", "population std", "3 beam(s), length_penalty 0",
                  "seeded random", "from 8 train examples per seed", "full view", "256 positions"):
         assert line in md, line

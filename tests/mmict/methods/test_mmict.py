@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import webdataset as wds
+from helpers import make_mmict_module
 from PIL import Image as PILImage
 from tiny_models import blip2 as tiny
 from tiny_models.common import test_image as make_image
@@ -24,8 +25,6 @@ from mmict.segments import Text
 from mmict.toy.world import write_toy_world
 
 RED, BLUE, GREEN = (200, 40, 40), (40, 40, 200), (40, 200, 40)
-SMALL_HUB = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
-             "cross_attention_frequency": 1, "num_query_tokens": 4, "max_text_tokens": 32}
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +33,7 @@ def blip2_dirs(tmp_path_factory):
     return {v: tiny.save_tiny(root / v, variant=v) for v in tiny.VARIANTS}
 
 
-def make_module(path, family="blip2", design="fused", seed=0, **mmict) -> MMICTModule:
-    torch.manual_seed(seed)
-    cfg = config_from_dict({
-        "method": {"name": "mmict", "demo_design": design, "mmict": {"hub": SMALL_HUB, **mmict}},
-        "backbone": {"family": family, "name_or_path": str(path), "toy": None},
-        "optim": {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.05},
-    })
-    return MMICTModule(cfg)
+make_module = make_mmict_module
 
 
 def batch_of(module: MMICTModule, video: bool = False) -> EpisodeBatch:
