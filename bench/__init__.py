@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 # The modules whose import registers a benchmark, in the order `python -m bench` runs them.
-MODULES = ("bench.latency", "bench.floor", "bench.trainer_overhead", "bench.data")
+MODULES = ("bench.latency", "bench.floor", "bench.trainer_overhead", "bench.data", "bench.pool")
 
 
 @dataclass

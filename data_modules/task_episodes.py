@@ -7,15 +7,18 @@ samples them, without holding the split in memory. A query's target is one of it
 captions, drawn at random (VQA's ten human answers, COCO's five captions). The batches are the same as the
 web corpus's (`collate_episodes`), so every module trains on either.
 
-Validation: ``val_split`` (e.g. ``val``) read once in order, k = max_shots; no shards there means no
-validation, with a warning. Prompts and demo texts are the task's own (`mmict.eval.tasks`), so training and
-evaluation show a model the same format; the task (its folder and formats) is passed in by the caller.
+Validation: ``val_split`` (e.g. ``val``) read once in order, k = max_shots, every example after the first k the
+query once with its k predecessors as demos (a split smaller than k + 1 validates at the shots it has, warned); no
+shards there means no validation, with a warning. Prompts and demo texts are the task's own (`mmict.eval.tasks`),
+so training and evaluation show a model the same format; the task (its folder and formats) is passed in by the
+caller.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -66,7 +69,11 @@ def _group_episodes(
 ) -> Iterator[dict]:
     """Decode examples (corrupt ones are skipped and counted) and group every k + 1 into an episode. Training
     (`rng` given) with `augment_size` augments images as MMICT's reference (`augment.ReferenceAugment`)."""
-    if augment_size is not None and rng is not None:
+    if rng is None:
+        yield from _validation_episodes(samples, task=task, image_transform=image_transform, plan=plan, seed=seed,
+                                        watchdog=watchdog)
+        return
+    if augment_size is not None:
         image_transform = ReferenceAugment(image_transform, augment_size, rng)
     group: list[Example] = []
     want = None
@@ -80,11 +87,50 @@ def _group_episodes(
             want = plan(made)[0] + 1
         group.append(example)
         if len(group) == want:
-            # Validation draws the target from (seed, query id): the same on every pass and worker split.
-            pick = rng if rng is not None else random.Random(f"{seed}/{group[-1].id}")
-            yield {**task_episode(group[:-1], group[-1], task, pick), "source": source_of(sample)}
+            yield {**task_episode(group[:-1], group[-1], task, rng), "source": source_of(sample)}
             group, want = [], None
             made += 1
+
+
+def _validation_episodes(
+    samples: Iterable[dict], *, task: EpisodeFormat, image_transform: ImageTransform, plan: ShotPlan, seed: int,
+    watchdog: _Watchdog,
+) -> Iterator[dict]:
+    """Validation: every example after the first k is a query once, its k predecessors its demos (a sliding
+    window, so validation scores nearly every val example, not one in k + 1). A split with fewer than k + 1 usable
+    examples validates at the shots it has (each example the query once, the others its demos), with a warning;
+    one with fewer than 2 cannot make an episode (warned). Targets are drawn from (seed, query id): the same on
+    every pass and worker split."""
+    k = plan(0)[0]
+    window: deque[Example] = deque(maxlen=k) if k > 0 else deque(maxlen=1)
+    kept: list[tuple[Example, str]] = []  # the split's examples while no episode has been made (the fallback)
+    made = 0
+    for sample in samples:
+        watchdog.shards_since_sample = 0
+        example = decode_example(sample, image_transform, eager=True)
+        if example is None:
+            continue
+        if k == 0 or len(window) == k:
+            demos = list(window) if k > 0 else []
+            yield {**task_episode(demos, example, task, random.Random(f"{seed}/{example.id}")),
+                   "source": source_of(sample)}
+            made += 1
+        window.append(example)
+        if made == 0:
+            kept.append((example, source_of(sample)))
+    if made or k == 0:
+        return
+    name = getattr(task, "name", "task")
+    if len(kept) < 2:
+        logger.warning("the %s val split has %d usable example(s): no validation episode can be made (needs 2; "
+                       "max_shots + 1 = %d for full episodes); training runs without validation loss", name,
+                       len(kept), k + 1)
+        return
+    logger.warning("the %s val split has %d usable examples, fewer than max_shots + 1 = %d: validating at %d "
+                   "shots (each example the query once)", name, len(kept), k + 1, len(kept) - 1)
+    for i, (query, source) in enumerate(kept):
+        demos = [ex for j, (ex, _) in enumerate(kept) if j != i]
+        yield {**task_episode(demos, query, task, random.Random(f"{seed}/{query.id}")), "source": source}
 
 
 class TaskEpisodeStream(ShardStream):

@@ -6,8 +6,8 @@ import argparse
 import logging
 import sys
 
-from data_modules.converters.common import ConvertError
-from mmict.config import ConfigError
+# Nothing heavy is imported here: `mmict --help` and `mmict data convert --help` answer without torch, Lightning or
+# transformers (tests/test_startup.py); each command imports its own module when it runs.
 
 USAGE = """mmict <command> [args]
 
@@ -23,6 +23,9 @@ commands:
   sweep EXP 'key=[a,b]' ... [--dry-run] [--submit]
                                    write a SLURM job array (one task per grid point, srun python -m
                                    mmict.train inside); --dry-run prints the sbatch script
+  doctor EXP [key=value ...]       check an experiment on this machine before training: data and resource
+                                   paths, the adapter against the HF model, context per shot count,
+                                   memory, a few queries end to end; a verdict per item
   compare RUN_DIR... [--format md|csv|json]
                                    compare runs (or a sweep folder) offline: method, backbone, shots,
                                    losses, eval score per shot count
@@ -30,7 +33,7 @@ commands:
 
 
 def pretrain_toy_main(argv: list[str]) -> None:
-    from mmict.config import load_config
+    from mmict.config import ConfigError, load_config
     from mmict.toy.backbone import MARKER, ensure_toy_backbone
 
     parser = argparse.ArgumentParser(prog="mmict pretrain-toy")
@@ -86,7 +89,8 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("--split", help="which of the dataset's own splits to read")
     parser.add_argument("--images", type=Path, help="image/video folder, when not where the layout puts it")
     parser.add_argument("--frames", type=int, default=8, help="video: frames sampled uniformly per clip")
-    parser.add_argument("--url-map", type=Path, help="OBELICS: image url -> local file (tsv, csv or jsonl)")
+    parser.add_argument("--url-map", type=Path, help="OBELICS: image url -> local file (tsv, csv, jsonl, a "
+                        "url,path parquet, or img2dataset's output folder or parquet)")
     parser.add_argument("--set", dest="extra", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
                         help="a converter-specific option (see the layouts below)")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             from mmict.runs.slurm import main as sweep_main
 
             return sweep_main(rest)
+        elif command == "doctor":
+            from mmict.doctor import main as doctor_main
+
+            return doctor_main(rest)
         elif command == "compare":
             from mmict.runs.compare import main as compare_main
 
@@ -134,11 +142,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
             return 2
-    except (ConfigError, FileNotFoundError, FileExistsError, ConvertError) as err:
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
         # User errors: one clear message, no traceback.
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that end a command with one line and no traceback. The project's own are looked up only in the
+    modules already imported (an error whose module was never imported cannot have been raised), so that this
+    module imports neither the config package nor the converters up front."""
+    errors: list[type[BaseException]] = [FileNotFoundError, FileExistsError]
+    for module, name in (("mmict.config.errors", "ConfigError"), ("data_modules.converters.common", "ConvertError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

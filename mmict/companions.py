@@ -6,10 +6,17 @@ optional overrides of its own ("toy_mmict_binding trainer.max_steps=500"). From 
 makes the numbers comparable: the backbone and the data exactly as this run used them (the folders are
 loaded as they are, never rebuilt from a toy recipe), the seed, the evaluation settings and the logger (the
 same W&B project and group). A companion's own companions are dropped, so there are no chains.
+
+On W&B every experiment is a run of its own, all in one group (`wandb_group`: `logger.group`, else
+"<name>-<time>" of the run that has the companions): the run's W&B run ends after its own evaluation, each
+companion's after its own, and the joint table and plot (methods.md/json, methods_vs_shots.png) go to one more run
+of the group, "<name>/<time>/methods" (job type "methods"), since the run's own W&B run has ended by the time the
+companions' rows exist (an ended W&B run cannot be reopened offline).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -19,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mmict.config import ConfigError, load_config
-from mmict.eval.runner import EvalOutcome, report_markdown
+from mmict.eval.runner import EvalOutcome, log_to_wandb, report_markdown
 from mmict.plots import plot_score_vs_shots
 from mmict.runs.folders import unique_path, write_text_unique
 from mmict.runs.slurm import format_value
@@ -53,6 +60,14 @@ def companion_configs(cfg: DictConfig) -> list[DictConfig]:
     return configs
 
 
+def wandb_group(cfg: DictConfig, run_dir: str | Path) -> str | None:
+    """The W&B group of a run: `logger.group` when set (a sweep's id); else, for a run with companions,
+    "<name>-<run folder name>" (the run's name and time), which its companions join; else none."""
+    if cfg.logger.group:
+        return str(cfg.logger.group)
+    return f"{cfg.name}-{Path(run_dir).name}" if cfg.eval.companions else None
+
+
 def merge_rows(rows: Sequence[dict], companion: str, others: Sequence[dict]) -> list[dict]:
     """This run's rows and a companion's; a companion row whose method name this run already has (its own
     zero-shot, say) is kept under "<method> [<companion>]". Sorted by shots, then method."""
@@ -62,13 +77,19 @@ def merge_rows(rows: Sequence[dict], companion: str, others: Sequence[dict]) -> 
 
 
 def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: EvalOutcome, eval_dir: Path,
-                   train_fn: Callable[[DictConfig], dict[str, Any]]) -> tuple[EvalOutcome, dict[str, str]]:
+                   train_fn: Callable[[DictConfig], dict[str, Any]],
+                   wandb_group: str | None = None) -> tuple[EvalOutcome, dict[str, str]]:
     """Train and evaluate each companion with `train_fn`, merge its rows into this run's, and write the
-    joint table (methods.md, methods.json) and plot (methods_vs_shots.png) next to this run's own report."""
+    joint table (methods.md, methods.json) and plot (methods_vs_shots.png) next to this run's own report.
+
+    `wandb_group`: this run logs to W&B (its own W&B run has ended by now). Each companion then logs to a W&B run
+    of its own in that group (`train_fn` ends it), and the joint table goes to the group's "methods" run."""
     rows, runs = list(outcome.rows), {}
     for companion in configs:
         name = companion.name
         log.info("companion experiment %s: training and evaluating it on this run's backbone and data", name)
+        if wandb_group is not None:
+            companion.logger.group = wandb_group  # its own W&B run, beside this run's
         summary = train_fn(companion)
         runs[name] = summary["run_dir"]
         if not summary.get("eval"):
@@ -76,7 +97,7 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: Eval
         rows = merge_rows(rows, name, summary.get("eval") or [])
     report = report_markdown(rows, outcome.chance, outcome.metric, outcome.how)
     payload = {"task": cfg.eval.task, "metric": outcome.metric, "chance": outcome.chance, "summary": rows,
-               "companion_runs": runs}
+               "companion_runs": runs, "wandb_group": wandb_group}
     json_path = unique_path(eval_dir / "methods.json")
     json_path.write_text(json.dumps(payload, indent=2))
     md_path = write_text_unique(eval_dir / "methods.md", f"# {cfg.name} and its companions: {cfg.eval.task}\n\n"
@@ -84,4 +105,29 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: Eval
     png_path = plot_score_vs_shots(rows, unique_path(eval_dir / "methods_vs_shots.png"), metric=outcome.metric,
                                    chance=outcome.chance, title=f"{cfg.name} + {', '.join(runs)}: {cfg.eval.task}")
     log.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    if wandb_group is not None:
+        log_joint_table(cfg, wandb_group, eval_dir, rows, png_path, payload)
     return EvalOutcome(rows, report, outcome.chance, outcome.metric, outcome.how), runs
+
+
+def log_joint_table(cfg: DictConfig, group: str, eval_dir: Path, rows: list[dict], png_path: Path,
+                    payload: dict[str, Any]) -> None:
+    """The joint table and plot as a W&B run of their own in `group`: "<name>/<time>/methods", job type "methods",
+    in this run's folder (its `wandb/`, beside this run's own W&B run); its id comes from the folder, as a run's does,
+    so a run evaluated again continues it."""
+    import wandb
+
+    run_dir = eval_dir.parent
+    run = wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, group=group, job_type="methods",
+        name=f"{cfg.name}/{run_dir.name}/methods", tags=list(cfg.logger.tags), dir=str(run_dir),
+        mode="offline" if cfg.logger.offline else "online", resume="allow",
+        id=hashlib.sha1(str((eval_dir / "methods").absolute()).encode()).hexdigest()[:16],
+        reinit="finish_previous",  # never log into a run left open: each experiment is its own W&B run
+        config={k: v for k, v in payload.items() if k != "summary"} | {"run": cfg.name, "run_dir": str(run_dir)},
+    )
+    try:
+        log_to_wandb(run, rows, {"methods_vs_shots": png_path}, prefix="methods")
+        log.info("the joint table is W&B run %s (%s) of group %s", run.id, run.name, group)
+    finally:
+        run.finish()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -28,13 +29,14 @@ from data_modules.shots import ShotPolicy
 from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.web_corpus import WebCorpusDataModule
-from mmict.companions import companion_configs, run_companions
+from mmict.companions import companion_configs, run_companions, wandb_group
 from mmict.config import ConfigError, load_config, save_config
 from mmict.eval.runner import run_eval
 from mmict.eval.tasks import get_task
 from mmict.methods import METHODS
 from mmict.methods.aim.shots import report as write_trained_shots
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
+from mmict.preflight import PreflightError, preflight, require
 from mmict.runs.folders import make_run_dir
 from mmict.runs.record import versions
 from mmict.runs.resume import FINISHED, find_resume
@@ -103,8 +105,9 @@ def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     }
     settings: dict[str, Any] = dict(
         project=cfg.logger.project, entity=cfg.logger.entity, name=f"{cfg.name}/{run_dir.name}",
-        save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags), group=cfg.logger.group,
-        config={**OmegaConf.to_container(cfg, resolve=True), "run": meta},
+        save_dir=str(run_dir), offline=cfg.logger.offline, tags=list(cfg.logger.tags),
+        # logger.group; a run with companions, when none is set: "<name>-<time>", which its companions share
+        group=wandb_group(cfg, run_dir), config={**OmegaConf.to_container(cfg, resolve=True), "run": meta},
     )
     # One W&B run per run folder: a resumed run (same folder: `resume`, a requeued SLURM task, a pinned
     # run_dir) continues its W&B run instead of starting another.
@@ -127,6 +130,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         loggers.append(WandbLogger(**wandb_settings(cfg, run_dir)))
     return loggers
 
+
+def finish_wandb(loggers: list[Logger]) -> None:
+    """End this run's W&B run (a no-op when there is none, or it has ended). Lightning's WandbLogger leaves it open,
+    and the next WandbLogger of this process (a companion's) would log into it: "a wandb run already in progress
+    ... will reuse this run"."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # a dummy on ranks other than 0: nothing to finish there
 
 def build_strategy(cfg: DictConfig, module: L.LightningModule | None = None, precision: str | None = None) -> Any:
     """`trainer.strategy`: auto / ddp as Lightning names them; fsdp built from the module's backbone adapter."""
@@ -198,16 +209,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Effective precision and backbone dtype for this hardware, said out loud (before the backbone loads).
     precision = apply_precision_policy(cfg)
     prepare_toy(cfg)  # the toy world's shards and toy backbone, when the experiment has them
-    # Missing data or weights fail here, before a run folder exists (no empty runs left behind).
-    find_shards_or_fail(cfg)
+    # Everything the run will need (data, evaluation splits, NLTK data, CLIP weights, tokenizers, weights, the GPU)
+    # is checked here, before a run folder exists: a refused start leaves nothing behind, and nothing is found
+    # missing after training (mmict/preflight.py).
+    checks = preflight(cfg, training_shards=lambda: find_shards_or_fail(cfg))
+    for check in checks:
+        log.info("check %s", check.line())
+    require(checks)
     companions = companion_configs(cfg)  # bad names fail here, not after training
     module = METHODS[cfg.method.name](cfg)
     pinned = default_run_dir(cfg)
     resume = find_resume(cfg, pinned)
     if resume is not None:
         run_dir = resume.run_dir
-        log.warning("continuing the interrupted run %s from %s (resume=never starts a new run instead)", run_dir,
-                    resume.checkpoint.name)
+        if resume.trained:
+            log.warning("run %s trained to its last step (%s) but its evaluation did not finish: evaluating it now, "
+                        "not training it again (resume=never starts a new run instead)", run_dir,
+                        resume.checkpoint.name)
+        else:
+            log.warning("continuing the interrupted run %s from %s (resume=never starts a new run instead)", run_dir,
+                        resume.checkpoint.name)
         kept = keep_metrics_of_interrupted_run(run_dir / "logs")
         if kept is not None:
             log.info("the interrupted run's metrics stay in %s", kept)
@@ -227,13 +248,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
         before_file.write_text(json.dumps(before))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+    if resume is not None and resume.trained:  # evaluate the trained weights as they are (Lightning's fit would
+        # restore them too, but also the loops, only to stop at once)
+        state = torch.load(resume.checkpoint, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        module.on_load_checkpoint(state)
+    else:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
     if trainer.is_global_zero and getattr(module, "trained_shots", None) is not None:
         write_trained_shots(module.trained_shots(), run_dir, [])  # AIM: demos per training episode, in the run folder
     # fit validates every `val_check_interval` steps; when that includes the last step, its result is
     # the "after" number and validating again would only repeat the work.
     tr = cfg.trainer
-    if not has_val:
+    if not has_val or not any(before):  # no val split, or one too small for a single episode (warned)
         after = []
     elif tr.max_steps % tr.val_check_interval == 0 and "val/loss" in trainer.callback_metrics:
         after = [{"val/loss": float(trainer.callback_metrics["val/loss"])}]
@@ -243,7 +270,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "skipped": dict(skipped.counts)}
     if precision.changed:
         summary["precision"] = precision.messages
-    if before and after:
+    if before and after and "val/loss" in before[0] and "val/loss" in after[0]:
         summary["val_loss"] = {"before": before[0]["val/loss"], "after": after[0]["val/loss"]}
     metrics_csv = run_dir / "logs" / "metrics.csv"
     if metrics_csv.exists():
@@ -260,9 +287,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         outcome = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
                            wandb_run=wandb_run)
+        # This run's W&B run ends before any companion starts: each companion is a W&B run of its own, in this run's
+        # group, and the joint table goes to one more run of the group (mmict/companions.py).
+        finish_wandb(trainer.loggers)
         if companions:
-            outcome, summary["companions"] = run_companions(cfg, companions, outcome, run_dir / "eval", train)
+            outcome, summary["companions"] = run_companions(
+                cfg, companions, outcome, run_dir / "eval", train,
+                wandb_group=wandb_group(cfg, run_dir) if wandb_run is not None else None)
         summary["eval"], summary["eval_report"] = outcome.rows, outcome.report
+    finish_wandb(trainer.loggers)
     # The mark of a finished run: `resume=auto` never continues it.
     (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
     print_summary(summary)
@@ -297,7 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. trainer.max_steps=50")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    train(load_config(args.experiment, args.overrides))
+    try:
+        train(load_config(args.experiment, args.overrides))
+    except PreflightError as err:  # a message with the fixes, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 One module per family registers its converters (`common.register`): web corpora (`web`), VQA-style
 question/answer sets (`vqa`), caption sets (`captions`), Hateful Memes (`hateful_memes`), video sets
-(`video`). The shard formats they write are the ones docs/data.md ("Sample formats") describes.
+(`video`); OBELICS' ``--url-map`` is read by `url_map`. The shard formats they write are the ones
+docs/data.md ("Sample formats") describes.
 """
 
 from . import captions, hateful_memes, video, vqa, web  # noqa: F401  (registers the converters)

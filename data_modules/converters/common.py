@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -25,6 +24,8 @@ Sample = dict[str, Any]
 
 # Formats PIL may report -> the member extension webdataset's decoders and our readers know.
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# The jsonl files `iter_jsonl` reads: plain, gzipped, or one inside a zip (as MMC4 ships them).
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip")
 
 
 class ConvertError(ValueError):
@@ -113,6 +114,17 @@ def require_file(path: Path, what: str, layout: str) -> Path:
     if not path.exists():
         raise ConvertError(f"{what} not found: {path}\nexpected layout:\n{layout}")
     return path
+
+
+def pyarrow_parquet(path: Path, instead: str = "") -> Any:
+    """``pyarrow.parquet`` (a dependency of this package), or a ConvertError saying how to get it (and
+    ``instead``: what to pass in place of the parquet file ``path``)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:  # a broken or partial environment
+        raise ConvertError(f"reading {path} (parquet) needs pyarrow, which is not importable here ({err}): "
+                           f"pip install pyarrow (pinned in requirements/lock.txt){instead}") from err
+    return pq
 
 
 def image_member(data: bytes) -> tuple[str, bytes]:
@@ -253,6 +265,8 @@ def convert(
         path.unlink()
     if existing:
         print(f"--force: removed {len(existing)} existing shards matching {out}")
+
+    import webdataset as wds  # here, not at the top: it imports torch, which `mmict data convert --help` needs not
 
     start = time.perf_counter()
     shards: list[str] = []

@@ -13,13 +13,15 @@ as members ``frame_000.jpg``, ``frame_001.jpg``, ... and a ``json``:
 
 MSVD (Chen & Dolan 2011)::
 
-    YouTubeClips/<clip>.avi          clip = <youtube id>_<start>_<end>
+    YouTubeClips/<clip>.avi          clip = <youtube id>_<start>_<end> (or vid<N>.avi; or in video/)
     AllVideoDescriptions.txt         "<clip> <caption>" per line, header lines start with '#'
     youtube_mapping.txt              "<clip> vid<N>" per line; split by N: train 1-1200, val 1201-1300,
                                      test 1301-1970
 
 MSVD-QA (Xu et al. 2017): ``{train,val,test}_qa.json`` (``[{id, question, answer, video_id: N}]``),
-``youtube_mapping.txt``, videos in ``video/`` or ``YouTubeClips/``.
+videos in ``video/`` or ``YouTubeClips/``, named as the release names them, ``vid<N>.avi`` (question
+``video_id`` N), or by YouTube clip (``<clip>.avi``) through ``youtube_mapping.txt``. Without the mapping
+file the videos must be ``vid<N>.avi`` (and the json has no ``clip``).
 
 MSR-VTT (Xu et al. 2016): ``train_val_videodatainfo.json`` (split "train" / "validate") and
 ``test_videodatainfo.json`` (split "test"), each ``{"videos": [{video_id, split, ...}], "sentences":
@@ -55,15 +57,17 @@ QA_SPLITS = ("train", "val", "test")
 
 MSVD_LAYOUT = """\
 <in>/
-    YouTubeClips/<clip>.avi        clip = <youtube id>_<start>_<end>  (--images DIR: <clip>.avi there)
+    YouTubeClips/<clip>.avi        clip = <youtube id>_<start>_<end>; or vid<N>.avi; or in video/
+                                     (--images DIR: the videos there)
     AllVideoDescriptions.txt       "<clip> <caption>" per line; lines starting with # are a header
     youtube_mapping.txt            "<clip> vid<N>" per line; by N: train 1-1200, val 1201-1300, test 1301-1970"""
 
 MSVD_QA_LAYOUT = """\
 <in>/
     {train,val,test}_qa.json       [{"id", "question", "answer", "video_id": N}, ...]
-    youtube_mapping.txt            "<clip> vid<N>" per line
-    video/<clip>.avi               or YouTubeClips/<clip>.avi  (--images DIR: <clip>.avi there)"""
+    video/vid<N>.avi               as released: question video_id N -> vid<N>.avi (or YouTubeClips/;
+                                     --images DIR: the videos there)
+    youtube_mapping.txt            "<clip> vid<N>" per line: needed only for videos named <clip>.avi"""
 
 MSRVTT_LAYOUT = """\
 <in>/
@@ -204,11 +208,13 @@ def _video_dirs(ctx: Context, names: Iterable[str], layout: str) -> list[Path]:
     return dirs
 
 
-def _find_video(dirs: list[Path], filename: str) -> Path | None:
-    """The first of ``dirs`` holding ``filename`` (MSR-VTT keeps train/val and test videos apart)."""
-    for folder in dirs:
-        if (folder / filename).is_file():
-            return folder / filename
+def _find_video(dirs: list[Path], filenames: str | tuple[str, ...]) -> Path | None:
+    """The first of ``filenames`` found in one of ``dirs`` (MSR-VTT keeps train/val and test videos apart;
+    an MSVD video is ``<clip>.avi`` or ``vid<N>.avi`` depending on where it comes from)."""
+    for filename in (filenames,) if isinstance(filenames, str) else filenames:
+        for folder in dirs:
+            if (folder / filename).is_file():
+                return folder / filename
     return None
 
 
@@ -254,9 +260,9 @@ def _emit(ctx: Context, groups: list[_VideoGroup]) -> Iterator[Sample]:
             ctx.advance()
 
 
-def _group_by_video(items: Iterable[tuple[str, str, tuple[str, dict[str, Any]]]],
+def _group_by_video(items: Iterable[tuple[str, str | tuple[str, ...], tuple[str, dict[str, Any]]]],
                     dirs: list[Path]) -> list[_VideoGroup]:
-    """(video name, filename, (key, json)) -> groups in order of each video's first appearance.
+    """(video name, file name(s), (key, json)) -> groups in order of each video's first appearance.
 
     QA files are not sorted by video and many questions share one: grouping first decodes each video
     exactly once whatever the order, holding one video's frames at a time, where an LRU cache would
@@ -264,15 +270,20 @@ def _group_by_video(items: Iterable[tuple[str, str, tuple[str, dict[str, Any]]]]
     questions in file order within a video.
     """
     groups: dict[str, _VideoGroup] = {}
-    for name, filename, item in items:
+    for name, filenames, item in items:
         if name not in groups:
-            groups[name] = _VideoGroup(_find_video(dirs, filename))
+            groups[name] = _VideoGroup(_find_video(dirs, filenames))
         groups[name].items.append(item)
     return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------------
 # MSVD
+
+
+def _msvd_files(vid: int, clip: str | None) -> tuple[str, ...]:
+    """The names an MSVD video may have: its YouTube clip's (MSVD's own) or ``vid<N>.avi`` (MSVD-QA's)."""
+    return (f"{clip}.avi", f"vid{vid}.avi") if clip else (f"vid{vid}.avi",)
 
 
 def _msvd_mapping(src: Path, layout: str) -> dict[int, str]:
@@ -310,7 +321,7 @@ def read_msvd_caption(ctx: Context) -> Iterator[Sample]:
     src = ctx.options.src
     mapping = _msvd_mapping(src, MSVD_LAYOUT)
     captions = _msvd_captions(src, MSVD_LAYOUT, ctx)
-    dirs = _video_dirs(ctx, ["YouTubeClips"], MSVD_LAYOUT)
+    dirs = _video_dirs(ctx, ["YouTubeClips", "video"], MSVD_LAYOUT)
     unmapped = set(captions) - set(mapping.values())
     if unmapped:  # in no split: said in the summary rather than dropped unseen
         ctx.skip("clip not in youtube_mapping.txt", len(unmapped))
@@ -323,7 +334,7 @@ def read_msvd_caption(ctx: Context) -> Iterator[Sample]:
             continue
         meta = {"id": f"vid{vid}", "task": "msvd_caption", "video_id": f"vid{vid}", "clip": clip,
                 "captions": captions[clip]}
-        groups.append(_VideoGroup(_find_video(dirs, f"{clip}.avi"), [(safe_key(f"vid{vid}"), meta)]))
+        groups.append(_VideoGroup(_find_video(dirs, _msvd_files(vid, clip)), [(safe_key(f"vid{vid}"), meta)]))
     yield from _emit(ctx, groups)
 
 
@@ -350,13 +361,13 @@ def _qa_fields(record: Any) -> tuple[str, str, str, int] | None:
         return None
 
 
-# A QA record's video number -> (video_id, video file name, meta fields that follow video_id), or None.
-_QaVideo = Callable[[int], tuple[str, str, dict[str, Any]] | None]
+# A QA record's video number -> (video_id, video file name(s), meta fields that follow video_id), or None.
+_QaVideo = Callable[[int], tuple[str, str | tuple[str, ...], dict[str, Any]] | None]
 
 
 def _qa_items(records: list[Any], task: str, video: _QaVideo, ctx: Context, *, no_video: str = "no video",
-              keep: tuple[str, ...] = ()) -> list[tuple[str, str, tuple[str, dict[str, Any]]]]:
-    """(video_id, file name, (key, meta)) of each QA record, for `_group_by_video`; ``keep``: record fields
+              keep: tuple[str, ...] = ()) -> list[tuple[str, str | tuple[str, ...], tuple[str, dict[str, Any]]]]:
+    """(video_id, file name(s), (key, meta)) of each QA record, for `_group_by_video`; ``keep``: record fields
     copied after the answers. A malformed record, or one ``video`` finds none for (``no_video``), is skipped."""
     items = []
     for record in records:
@@ -382,15 +393,30 @@ def read_msvd_qa(ctx: Context) -> Iterator[Sample]:
     split = _check_split(ctx, QA_SPLITS, "msvd_qa", MSVD_QA_LAYOUT)
     src = ctx.options.src
     records = _qa_records(src / f"{split}_qa.json", f"MSVD-QA {split} questions", MSVD_QA_LAYOUT)
-    mapping = _msvd_mapping(src, MSVD_QA_LAYOUT)
     dirs = _video_dirs(ctx, ["video", "YouTubeClips"], MSVD_QA_LAYOUT)
+    if (src / "youtube_mapping.txt").is_file():
+        mapping: dict[int, str] | None = _msvd_mapping(src, MSVD_QA_LAYOUT)
+    elif any(_is_vid_file(path) for folder in dirs for path in folder.iterdir()):
+        mapping = None  # the release's own naming, vid<N>.avi: no mapping needed
+    else:
+        raise ConvertError(f"msvd_qa: no youtube_mapping.txt in {src} and no vid<N>.avi video in "
+                           f"{', '.join(map(str, dirs))}: videos named by YouTube clip (<clip>.avi) need the "
+                           f"mapping file\nexpected layout:\n{MSVD_QA_LAYOUT}")
 
-    def clip_of(vid: int) -> tuple[str, str, dict[str, Any]] | None:
-        clip = mapping.get(vid)
-        return None if clip is None else (f"vid{vid}", f"{clip}.avi", {"clip": clip})
+    def video_of(vid: int) -> tuple[str, tuple[str, ...], dict[str, Any]] | None:
+        if mapping is None:
+            return f"vid{vid}", _msvd_files(vid, None), {}
+        if vid in mapping:
+            return f"vid{vid}", _msvd_files(vid, mapping[vid]), {"clip": mapping[vid]}
+        # Not in the mapping: still found when named vid<N>.avi, else skipped as unknown.
+        return (f"vid{vid}", _msvd_files(vid, None), {}) if _find_video(dirs, f"vid{vid}.avi") else None
 
-    items = _qa_items(records, "msvd_qa", clip_of, ctx, no_video="video_id not in youtube_mapping.txt")
+    items = _qa_items(records, "msvd_qa", video_of, ctx, no_video="video_id not in youtube_mapping.txt")
     yield from _emit(ctx, _group_by_video(items, dirs))
+
+
+def _is_vid_file(path: Path) -> bool:
+    return re.fullmatch(r"vid\d+\.avi", path.name) is not None
 
 
 # ---------------------------------------------------------------------------------------------------

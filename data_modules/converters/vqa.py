@@ -1,16 +1,23 @@
 """VQA-style sets -> downstream shards: OK-VQA, VQAv2, VizWiz, TextVQA, each in its released layout.
 
-OK-VQA (``okvqa``) and VQAv2 (``vqav2``), COCO 2014 images, splits train and val::
+OK-VQA (``okvqa``) and VQAv2 (``vqav2``), COCO 2014 images, splits train and val, flat or in the official
+VQA API tree (https://github.com/GT-Vision-Lab/VQA: ``Questions/``, ``Annotations/``, ``Images/mscoco/``)::
 
     <in>/
         OpenEnded_mscoco_{split}2014_questions.json     VQAv2: v2_OpenEnded_mscoco_{split}2014_questions.json
+                                                        (or Questions/<the same name>)
         mscoco_{split}2014_annotations.json             VQAv2: v2_mscoco_{split}2014_annotations.json
-        {split}2014/COCO_{split}2014_{image_id:012d}.jpg      (or --images DIR: DIR/COCO_...jpg)
+                                                        (or Annotations/<the same name>)
+        {split}2014/COCO_{split}2014_{image_id:012d}.jpg      (or Images/mscoco/{split}2014/...,
+                                                               or --images DIR: DIR/COCO_...jpg)
 
-VizWiz (``vizwiz``), splits train and val (test answers are not public)::
+VQA v1 names its files as OK-VQA does; a questions file far larger than OK-VQA's is refused as VQA v1's.
+
+VizWiz (``vizwiz``), splits train and val (test answers are not public), as the official zips unpack::
 
     <in>/
-        annotations/{split}.json     (or {split}.json) [{"image", "question", "answers": [{"answer", ...}], ...}]
+        Annotations/{split}.json     (or annotations/{split}.json, or {split}.json)
+                                     [{"image", "question", "answers": [{"answer", ...}], ...}]
         {split}/VizWiz_{split}_00000000.jpg                   (or --images DIR: DIR/<image>)
 
 TextVQA (``textvqa``) 0.5.1, splits train and val (val images are in train_images, as released)::
@@ -102,27 +109,72 @@ def _vqa_sample(ctx: Context, id_: str, task: str, question: str, answers: Any, 
 
 def coco_vqa_layout(prefix: str) -> str:
     return f"""\
-<in>/
+<in>/                                    flat, or the VQA API tree (Questions/ Annotations/ Images/mscoco/)
     {prefix}OpenEnded_mscoco_{{split}}2014_questions.json   {{"questions": [{{image_id, question, question_id}}]}}
+                                         (or Questions/<that name>)
     {prefix}mscoco_{{split}}2014_annotations.json           {{"annotations": [{{question_id, answers, ...}}]}}
-    {{split}}2014/COCO_{{split}}2014_{{image_id:012d}}.jpg     (or --images DIR: DIR/COCO_...jpg)"""
+                                         (or Annotations/<that name>)
+    {{split}}2014/COCO_{{split}}2014_{{image_id:012d}}.jpg     (or Images/mscoco/{{split}}2014/COCO_...jpg;
+                                         or --images DIR: DIR/COCO_...jpg)"""
 
 
 OKVQA_LAYOUT = coco_vqa_layout("")
 VQAV2_LAYOUT = coco_vqa_layout("v2_")
+# OK-VQA has 9,009 train and 5,046 val questions; VQA v1, whose files have OK-VQA's names, 248,349 and
+# 121,512. A questions file between the two is neither: refused above this many, it cannot be VQA v1 unseen.
+OKVQA_MAX_QUESTIONS = 20_000
+
+
+def find_in(src: Path, name: str, folders: tuple[str, ...], what: str, layout: str) -> Path:
+    """``src/<folder>/name`` for the first of ``folders`` ("" = ``src`` itself) holding it; else a ConvertError
+    naming every place looked at (the last one ends the first line) and the files of a similar name there."""
+    candidates = [src / folder / name if folder else src / name for folder in folders]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        return found
+    tail = name.split("_", 1)[-1] if name.startswith("v2_") else name
+    near = sorted({str(p.relative_to(src)) for folder in folders for p in (src / folder).glob(f"*{tail}")
+                   if (src / folder).is_dir()})
+    hint = f"\nfound instead: {', '.join(near)}" if near else ""
+    looked = " nor ".join(str(path) for path in candidates)
+    raise ConvertError(f"{what} not found: {'neither ' if len(candidates) > 1 else ''}{looked}\n"
+                       f"expected layout:\n{layout}{hint}")
+
+
+def image_folder(ctx: Context, folders: list[str], layout: str) -> Path:
+    """``--images`` when given, else the first of ``folders`` (relative to ``--in``) that exists.
+
+    No image folder at all is a wrong --in (or images kept elsewhere), said once rather than as one
+    "missing image" per question.
+    """
+    if ctx.options.images is not None:
+        return ctx.options.images
+    src = ctx.options.src
+    found = next((src / folder for folder in folders if (src / folder).is_dir()), None)
+    if found is None:
+        looked = ", ".join(str(src / folder) for folder in folders)
+        raise ConvertError(f"no image folder found (looked for {looked}); pass --images DIR if the images are "
+                           f"elsewhere\nexpected layout:\n{layout}")
+    return found
 
 
 def _coco_vqa(ctx: Context, task: str, prefix: str, layout: str, keep: tuple[str, ...]) -> Iterator[Sample]:
     """Questions joined with their annotations; ``keep``: annotation fields copied into the json."""
     extra_options(ctx, {})
     src, split = ctx.options.src, ctx.options.split
-    questions_path = src / f"{prefix}OpenEnded_mscoco_{split}2014_questions.json"
-    annotations_path = src / f"{prefix}mscoco_{split}2014_annotations.json"
+    questions_path = find_in(src, f"{prefix}OpenEnded_mscoco_{split}2014_questions.json", ("", "Questions"),
+                             f"{task} questions", layout)
+    annotations_path = find_in(src, f"{prefix}mscoco_{split}2014_annotations.json", ("", "Annotations"),
+                               f"{task} annotations", layout)
     questions = _field(load_json(questions_path, f"{task} questions", layout), "questions", questions_path, layout)
+    if task == "okvqa" and len(questions) > OKVQA_MAX_QUESTIONS:
+        raise ConvertError(f"{questions_path} holds {len(questions):,} questions; OK-VQA has 9,009 (train) and "
+                           f"5,046 (val): these are VQA v1's files, which have OK-VQA's names. Put OK-VQA's own "
+                           f"files (okvqa.allenai.org) in another folder and pass it as --in")
     annotations = _field(load_json(annotations_path, f"{task} annotations", layout), "annotations",
                          annotations_path, layout)
     by_question = {a["question_id"]: a for a in annotations if isinstance(a, dict) and "question_id" in a}
-    images = ctx.options.images or src / f"{split}2014"
+    images = image_folder(ctx, [f"{split}2014", f"Images/mscoco/{split}2014"], layout)
     yield from _each(questions, lambda record: _coco_vqa_sample(record, by_question, images, task, split, keep, ctx),
                      ctx)
 
@@ -161,19 +213,16 @@ def read_vqav2(ctx: Context) -> Iterator[Sample]:
 
 
 VIZWIZ_LAYOUT = """\
-<in>/
-    annotations/{split}.json   (or <in>/{split}.json) [{"image": "VizWiz_val_00000000.jpg", "question",
+<in>/                      as the official Annotations.zip, train.zip, val.zip unpack
+    Annotations/{split}.json   (or annotations/{split}.json, or <in>/{split}.json)
+                               [{"image": "VizWiz_val_00000000.jpg", "question",
                                  "answers": [{"answer", "answer_confidence"}], "answerable", "answer_type"}]
     {split}/<image>            (or --images DIR: DIR/<image>)"""
+VIZWIZ_ANNOTATIONS = ("Annotations", "annotations", "")  # the official zip's folder name first
 
 
 def _vizwiz_annotations(src: Path, split: str | None) -> Path:
-    candidates = [src / "annotations" / f"{split}.json", src / f"{split}.json"]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise ConvertError(f"vizwiz annotations not found: neither {candidates[0]} nor {candidates[1]}\n"
-                           f"expected layout:\n{VIZWIZ_LAYOUT}")
-    return found
+    return find_in(src, f"{split}.json", VIZWIZ_ANNOTATIONS, "vizwiz annotations", VIZWIZ_LAYOUT)
 
 
 def _vizwiz_sample(record: Any, images: Path, ctx: Context) -> Sample | None:
@@ -195,7 +244,7 @@ def read_vizwiz(ctx: Context) -> Iterator[Sample]:
     records = load_json(path, "vizwiz annotations", VIZWIZ_LAYOUT)
     if not isinstance(records, list):
         raise ConvertError(f"{path}: expected a json list of questions\nexpected layout:\n{VIZWIZ_LAYOUT}")
-    images = ctx.options.images or src / str(split)
+    images = image_folder(ctx, [str(split)], VIZWIZ_LAYOUT)
     yield from _each(records, lambda record: _vizwiz_sample(record, images, ctx), ctx)
 
 

@@ -17,9 +17,14 @@ OBELICS (``obelics``), its parquet files (or the same rows as jsonl) with the im
         train-00000-of-01335.parquet   rows {"images": [url | null], "texts": [str | null],
         ...                              "general_metadata": json str with "url", "metadata": ...}
     <images>/                          --images: an image url -> <images>/<path from --url-map> when given
-                                         (tsv/csv with a url,path header, or jsonl {"url", "path"}), else
-                                         <images>/<last segment of the url's path>; an entry that is not a
-                                         url is a path relative to <images>
+                                         (tsv/csv with a url,path header, jsonl {"url", "path"}, or parquet
+                                         with url and path columns), else <images>/<last segment of the
+                                         url's path>; an entry that is not a url is a path relative to <images>
+
+    --url-map may also be img2dataset's own output (``--output_format files``): one of its
+    ``<shard>.parquet`` files, or its output folder for all of them. A url with status "success" maps to
+    ``<that folder>/<shard>/<key>.jpg`` (or .png/.webp, as encoded) beside the parquet file; the others
+    are dropped, counted as "image dropped: not downloaded (img2dataset status)".
 
 Both write one sample per document::
 
@@ -36,7 +41,6 @@ demonstration and a query. ``matched_sim`` is kept so a data module can threshol
 from __future__ import annotations
 
 import bisect
-import csv
 import json
 import re
 from collections.abc import Iterator
@@ -45,16 +49,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .common import (
+    JSONL_SUFFIXES,
     Context,
     ConvertError,
     Sample,
     extra_options,
     iter_json_lines,
-    iter_jsonl,
+    pyarrow_parquet,
     read_image_file,
     register,
     safe_key,
 )
+from .url_map import NOT_DOWNLOADED, load_url_map
 
 MMC4_LAYOUT = """\
 <in>/                              a folder of these, or one of them as --in
@@ -70,12 +76,14 @@ OBELICS_LAYOUT = """\
     train-00000-of-01335.parquet   .parquet or .jsonl(.gz/.zip); a row: {"images": [url|null],
     ...                              "texts": [str|null], "general_metadata"}
 <images>/                          --images (required): url -> <images>/<path> via --url-map FILE
-                                     (tsv/csv with url,path header, or jsonl {"url","path"}), else
-                                     <images>/<url's file name>; a non-url entry: <images>/<entry>
+                                     (tsv/csv with url,path header, jsonl {"url","path"}, parquet with
+                                     url,path columns), else <images>/<url's file name>; a non-url
+                                     entry: <images>/<entry>
+--url-map <img2dataset output>     or img2dataset's output (--output_format files): a <shard>.parquet
+                                     or the folder of them; url -> <shard>/<key>.jpg beside it
 --set pair=next|previous           the text an image goes with: the next text (default) or the
                                      previous one, falling back to the other side"""
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip")
 MIN_PAIRS = 2  # a demonstration and a query
 
 # One kept image of a document: (member extension, bytes), its text index, its similarity (MMC4 only).
@@ -224,31 +232,6 @@ OBELICS_SUFFIXES = (".parquet", *JSONL_SUFFIXES)
 OBELICS_COLUMNS = ("images", "texts", "general_metadata")
 
 
-def load_url_map(path: Path) -> dict[str, str]:
-    """--url-map: image url -> path relative to --images (tsv/csv with a url,path header, or jsonl)."""
-    if not path.is_file():
-        raise ConvertError(f"--url-map {path} not found")
-    if path.name.endswith(JSONL_SUFFIXES):
-        mapping = {}
-        for number, line in iter_jsonl(path):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            # The map is the user's own file: a bad line is an error to fix, not a record to skip.
-            if not isinstance(row, dict) or not isinstance(row.get("url"), str) or not isinstance(row.get("path"), str):
-                raise ConvertError(f"--url-map {path} line {number}: expected {{\"url\": str, \"path\": str}}")
-            mapping[row["url"]] = row["path"]
-        return mapping
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        if not reader.fieldnames or not {"url", "path"} <= set(reader.fieldnames):
-            raise ConvertError(f"--url-map {path}: the first line must be a header naming the columns url and path "
-                               f"(got {reader.fieldnames})")
-        return {row["url"]: row["path"] for row in reader if row["url"] and row["path"]}
-
-
 def _is_url(entry: str) -> bool:
     parts = urlsplit(entry)
     return bool(parts.scheme and parts.netloc)  # "C:\\x.jpg" has a scheme but no netloc: a path
@@ -257,7 +240,7 @@ def _is_url(entry: str) -> bool:
 class ImageResolver:
     """An OBELICS image entry (url or relative path) -> its local file, or None with the reason counted."""
 
-    def __init__(self, images: Path, url_map: dict[str, str] | None) -> None:
+    def __init__(self, images: Path, url_map: dict[str, str | None] | None) -> None:
         self.images = images
         self.url_map = url_map
 
@@ -268,7 +251,11 @@ class ImageResolver:
             if entry not in self.url_map:
                 ctx.skip("image dropped: url not in --url-map")
                 return None
-            return self.images / self.url_map[entry]
+            mapped = self.url_map[entry]
+            if mapped is None:
+                ctx.skip(NOT_DOWNLOADED)
+                return None
+            return self.images / mapped  # an absolute path (img2dataset's) stays as it is
         name = urlsplit(entry).path.rsplit("/", 1)[-1]
         if not name:
             ctx.skip("image dropped: url names no file")
@@ -342,8 +329,7 @@ def _parquet_rows(path: Path, ctx: Context) -> Iterator[tuple[int, dict]]:
 
     A row group that does not read (a damaged file) costs its rows, counted, not the run.
     """
-    import pyarrow.parquet as pq
-
+    pq = pyarrow_parquet(path, "; or give OBELICS as jsonl rows")
     try:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid/OSError for a file that is not parquet
@@ -379,7 +365,7 @@ def _parquet_total(files: list[Path]) -> int | None:
     """The number of rows in all files when they are all parquet (from their footers), else None."""
     if not all(f.name.endswith(".parquet") for f in files):
         return None
-    import pyarrow.parquet as pq
+    pq = pyarrow_parquet(files[0], "; or give OBELICS as jsonl rows")
 
     try:
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)

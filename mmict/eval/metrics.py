@@ -7,10 +7,8 @@
 - Captions: pycocoevalcap's CIDEr-D, BLEU, METEOR, ROUGE-L on PTB-tokenised text.
 - Hateful Memes: ROC-AUC of P(yes) from length-normalised log-likelihoods.
 
-``normalize_answer`` and ``exact_match`` are the earlier light metric, still used by the toy
-tasks. The heavy dependencies (nltk, pycocoevalcap, a JVM) are imported or started only when their metric is called,
-so importing this module stays cheap for the training loop.
-"""
+``normalize_answer`` and ``exact_match``: the toy tasks' light metric. Heavy dependencies (nltk, pycocoevalcap, a JVM)
+load only when their metric is called, so importing this module stays cheap."""
 
 from __future__ import annotations
 
@@ -248,6 +246,11 @@ def _prepare_nltk(nltk_data_dir: str | os.PathLike[str] | None) -> None:
         target = dirs[0] if dirs else str(Path.home() / "nltk_data")
         raise MissingNLTKResourceError(missing, list(nltk.data.path), target)
     _nltk_ready_for = tuple(nltk.data.path)
+
+
+def check_nltk_data(nltk_data_dir: str | os.PathLike[str] | None = None) -> None:
+    """`MissingNLTKResourceError` (with the download command) unless OK-VQA stemming's NLTK data is found."""
+    _prepare_nltk(nltk_data_dir)
 
 
 def _okvqa_stem_tagged(word_and_pos: Iterable[tuple[str, str]], lemmatize_verb: Callable[[str], str]) -> str:

@@ -6,12 +6,13 @@ import copy
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_modules.downstream import DownstreamDataModule, Example
+from data_modules.downstream import DownstreamDataModule, Example, ShardExamples
 from mmict.eval.loop import (
     SeedPlan,
     as_dicts,
@@ -73,7 +74,7 @@ def attach_bank(module, cfg: DictConfig, view: str = "full"):
 _RESTVAL_TASKS = ("coco_caption",)
 
 
-def caption_pool(pool: list[Example], protocol: ResolvedProtocol, task: Task) -> list[Example]:
+def caption_pool(pool: Sequence[Example], protocol: ResolvedProtocol, task: Task) -> Sequence[Example]:
     """The caption demo pool the protocol asks for: Karpathy "train" only (openflamingo) or with "restval"."""
     if task.style != "caption" or protocol.caption_pool != "train":
         return pool
@@ -90,11 +91,14 @@ def caption_pool(pool: list[Example], protocol: ResolvedProtocol, task: Task) ->
     return kept
 
 
-def at_view(examples: list[Example], transform) -> list[Example]:
-    """The same examples, decoding their images with `transform` (demo images at the base view)."""
+def at_view(examples: Sequence[Example], transform) -> Sequence[Example]:
+    """The same examples, decoding their images with `transform` (demo images at the base view); an indexed pool
+    (`ShardExamples`) stays lazy."""
+    if isinstance(examples, ShardExamples):
+        return examples.with_transform(transform)
     out = []
     for ex in examples:
-        if ex.image_bytes is None and not ex.frames_bytes:
+        if not ex.has_encoded_image:  # known without reading the image from its shard
             raise ValueError(f"example {ex.id} holds a preprocessed image only: eval.demo_image_view=base needs the "
                              "encoded image (examples read from shards keep it)")
         view = copy.copy(ex)
@@ -103,7 +107,7 @@ def at_view(examples: list[Example], transform) -> list[Example]:
     return out
 
 
-def seed_plans(dm: DownstreamDataModule, pool: list[Example], protocol: ResolvedProtocol, seeds: list[int],
+def seed_plans(dm: DownstreamDataModule, pool: Sequence[Example], protocol: ResolvedProtocol, seeds: list[int],
                random_demos: bool) -> tuple[dict[int, SeedPlan], dict[str, Any]]:
     """Each trial seed's queries and demo pool as the protocol draws them, and what was drawn (for results.json)."""
     plans, record = {}, {}

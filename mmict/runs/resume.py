@@ -5,7 +5,8 @@ interrupted: the most recent run folder of this experiment whose saved config is
 checkpoint, and that did not finish (a finished run writes `summary.json`). Lightning restores the
 weights, optimizer, scheduler and loop counters; the data module its stream position and the `RNGState`
 callback the random generators, so the losses are the ones the uninterrupted run would have had.
-`resume=never` always starts a new run; `resume=<checkpoint or run folder>` continues that one.
+`resume=never` always starts a new run; `resume=<checkpoint or run folder>` continues that one. A run whose
+training reached `trainer.max_steps` but whose evaluation did not finish is evaluated from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ _NOT_THE_RUN = ("resume", "run_dir", "run_root", "trainer.progress_bar")
 class Resume:
     run_dir: Path
     checkpoint: Path
+    # The run trained to its last step but did not finish (its evaluation failed, or was killed): it is evaluated,
+    # not trained again.
+    trained: bool = False
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
@@ -89,7 +93,7 @@ def find_resume(cfg: DictConfig, pinned: str | None) -> Resume | None:
             raise ConfigError(f"run folder {run_dir} holds a finished run ({FINISHED}); it is not trained again. "
                               "Choose another run_dir, or delete the folder to redo the run")
         ckpt = loadable_checkpoint(run_dir) if run_dir.is_dir() else None
-        return Resume(run_dir, ckpt) if ckpt else None
+        return Resume(run_dir, ckpt, trained=_trained_to_the_end(ckpt, cfg)) if ckpt else None
     runs = Path(cfg.run_root) / cfg.name
     for run_dir in sorted((p for p in runs.glob("*") if p.is_dir()), key=lambda p: p.name, reverse=True):
         if (run_dir / FINISHED).exists() or not same_run(cfg, run_dir):
@@ -98,9 +102,9 @@ def find_resume(cfg: DictConfig, pinned: str | None) -> Resume | None:
         if ckpt is None:
             log.info("interrupted run %s has no checkpoint to continue from: starting a new run", run_dir)
             return None
-        if _trained_to_the_end(ckpt, cfg):
-            continue  # a run finished before runs were marked (no summary.json): not an interrupted one
-        return Resume(run_dir, ckpt)
+        # Trained to the end without summary.json: its evaluation did not finish (a missing eval split, a crash, a
+        # kill). Running the same command again evaluates it; training it again would waste the run.
+        return Resume(run_dir, ckpt, trained=_trained_to_the_end(ckpt, cfg))
     return None
 
 

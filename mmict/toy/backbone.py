@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 MARKER = "mmict_toy_backbone.json"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-RECIPE_VERSION = 4  # 2: syllable word pieces, text warm-up, frozen vision tower; 3: vision stage; 4: grounding
+# 2: syllable word pieces, text warm-up, frozen vision tower; 3: vision stage; 4: grounding; 5: the tokenizer adds
+# BOS as Llama's does, and the LLaVA processor is saved (a normal HF folder: the processor's ids are the adapter's)
+RECIPE_VERSION = 5
 
 
 def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
@@ -31,7 +33,7 @@ def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
     Words split like `\\w+|[^\\w\\s]+`; a word that is not in the vocabulary is cut into `pieces`
     (longest first, continuations written "##po"), so "dapo" -> "da", "##po" and decodes back to "dapo".
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = SPECIAL_TOKENS + [w for w in vocabulary if w not in SPECIAL_TOKENS]
@@ -39,6 +41,11 @@ def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
     tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins pieces, and words with spaces
+    # BOS in front when special tokens are asked for, as Llama's tokenizers do: the model's own processor then gives
+    # the ids the adapter gives (which adds BOS itself and tokenises its segments without special tokens).
+    bos = words.index("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
@@ -132,8 +139,14 @@ def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path
         recipe.update(report)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)
+    # The processor as a LLaVA checkpoint ships it (tokenizer, image processor and how many tokens an image
+    # expands to), so the toy backbone is a normal HF folder: `AutoProcessor` loads it (mmict doctor compares the
+    # adapter with the model on it).
+    from transformers import LlavaProcessor
+
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+                   vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                   num_additional_image_tokens=1).save_pretrained(path)
     marker.write_text(json.dumps(recipe, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built toy backbone at %s (%.2f M params, recipe %s)", path, n_params / 1e6, recipe["hash"])

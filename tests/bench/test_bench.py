@@ -24,7 +24,7 @@ def test_results_json_has_machine_versions_and_every_benchmark(smoke_results):
     assert r["mode"] == "smoke" and r["repeats"] == 1
     assert {"cpu_count", "torch_threads", "platform"} <= set(r["machine"])
     assert {"torch", "transformers", "lightning", "safetensors", "mmict_commit"} <= set(r["versions"])
-    assert set(r["benchmarks"]) == {"latency", "floor", "lightning", "data"}
+    assert set(r["benchmarks"]) == {"latency", "floor", "lightning", "data", "pool"}
     assert r["benchmarks"]["data"]["status"] in ("ok", "not available")  # the data issue's benchmark
     assert all(b["seconds"] >= 0 for b in r["benchmarks"].values())
     for name in ("latency", "floor", "lightning"):
@@ -48,6 +48,16 @@ def test_latency_rows_compare_the_three_methods_with_real_token_arithmetic(smoke
     saved = two["vanilla_context"] - two["aim+bank_context"]
     assert saved == 2 * zero["image_tokens"] and two["aim+bank_context"] == two["text_context"]
     assert smoke_results["benchmarks"]["latency"]["settings"]["bank_builds"]["smoke"]["demos"] == 2
+
+
+def test_pool_rows_compare_the_in_ram_pool_with_the_indexed_one(smoke_results):
+    b = smoke_results["benchmarks"]["pool"]
+    assert b["status"] == "ok", b.get("traceback")
+    small, large = b["rows"]
+    assert small["pool_size"] < large["pool_size"]
+    for row in (small, large):  # memory, not time: the indexed pool keeps no image however many it read
+        assert row["indexed_image_bytes_held_mib"] == 0 and row["full_image_bytes_held_mib"] > 0
+    assert b["settings"]["random_access"]["read_us"] > 0
 
 
 def test_floor_prompts_have_the_same_length(smoke_results):

@@ -301,3 +301,50 @@ def test_user_errors_name_the_file_and_the_layout(msvd, msrvtt, tmp_path):
         run("msrvtt_qa", bare, tmp_path, "test")
     with pytest.raises(ConvertError, match="--frames"):
         run("msvd_caption", msvd, tmp_path, "train", frames=0)
+
+
+def test_msvd_qa_release_names_videos_vid_n(msvd, tmp_path):
+    """MSVD-QA as released: video/vid<N>.avi for question video_id N; youtube_mapping.txt not needed."""
+    release = tmp_path / "MSVD-QA"
+    (release / "video").mkdir(parents=True)
+    for vid in (1, 3):  # vid2's video is missing, vid99 has none either
+        shutil.copy(msvd / "YouTubeClips" / f"{MSVD_CLIPS[vid][0]}.avi", release / "video" / f"vid{vid}.avi")
+    shutil.copy(msvd / "train_qa.json", release)
+    summary, folder = run("msvd_qa", release, tmp_path / "out", "train")
+    assert summary.written == 3 and summary.skipped == {"missing video": 2}
+    samples = read_samples(folder, "train")
+    assert [s["json"]["id"] for s in samples] == ["10", "12", "11"]
+    assert samples[0]["json"] == {"id": "10", "task": "msvd_qa", "video_id": "vid1", "question": "what is shown?",
+                                  "answers": ["dog"]}
+    assert samples[2]["json"]["question"] == "who runs?" and samples[2]["json"]["answers"] == ["cat"]
+    assert [colour_of(f) for f in samples[0]["frames"]] == expected(MSVD_CLIPS[1][1], 4)
+    assert [colour_of(f) for f in samples[2]["frames"]] == expected(MSVD_CLIPS[3][1], 4)
+
+    # With the mapping file next to it, vid<N>.avi still reads, and the json names the clip.
+    shutil.copy(msvd / "youtube_mapping.txt", release)
+    summary, folder = run("msvd_qa", release, tmp_path / "mapped", "train")
+    assert summary.written == 3
+    assert summary.skipped == {"missing video": 1, "video_id not in youtube_mapping.txt": 1}
+    assert read_samples(folder, "train")[0]["json"]["clip"] == "aaa-x_1_10"
+
+
+def test_msvd_caption_reads_vid_n_videos(msvd, tmp_path):
+    src = tmp_path / "msvd"
+    (src / "video").mkdir(parents=True)
+    for name in ("AllVideoDescriptions.txt", "youtube_mapping.txt"):
+        shutil.copy(msvd / name, src)
+    shutil.copy(msvd / "YouTubeClips" / "aaa-x_1_10.avi", src / "video" / "vid1.avi")
+    summary, folder = run("msvd_caption", src, tmp_path / "out", "train")
+    assert summary.written == 1 and summary.skipped["missing video"] == 2
+    (sample,) = read_samples(folder, "train")
+    assert sample["json"]["id"] == "vid1" and sample["json"]["clip"] == "aaa-x_1_10"
+    assert [colour_of(f) for f in sample["frames"]] == expected(MSVD_CLIPS[1][1], 4)
+
+
+def test_msvd_qa_clip_named_videos_without_mapping_name_the_file(msvd, tmp_path):
+    src = tmp_path / "msvd_qa"
+    src.mkdir()
+    shutil.copy(msvd / "train_qa.json", src)
+    shutil.copytree(msvd / "YouTubeClips", src / "YouTubeClips")
+    with pytest.raises(ConvertError, match=r"no youtube_mapping\.txt.*no vid<N>\.avi"):
+        run("msvd_qa", src, tmp_path, "train")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
+import sys
 import zipfile
 from pathlib import Path
 
@@ -281,6 +284,115 @@ def test_obelics_rejects_unknown_options(obelics_images: Path, tmp_path: Path) -
     bad_map.write_text("https://cdn.x.org/red.jpg,red.jpg\n")
     with pytest.raises(ConvertError, match="header"):
         convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=bad_map),
+                str(tmp_path / "web" / "train-%06d.tar"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# OBELICS --url-map: img2dataset's own output, and files that are not text
+
+
+def _img2dataset(out: Path, shards: dict[str, list[tuple[str, str | None]]], ext: str = "jpg") -> Path:
+    """img2dataset --output_format files: <out>/<shard>.parquet (url, key, status, ...) and <out>/<shard>/<key>.<ext>
+    (+ .txt/.json beside each image) for (url, colour or None = failed download) rows, keys as img2dataset makes
+    them (shard number, then the row's number in it)."""
+    for shard, rows in shards.items():
+        records = []
+        for i, (url, colour) in enumerate(rows):
+            key = f"{shard}{i:04d}"
+            ok = colour is not None
+            records.append({"url": url, "key": key, "status": "success" if ok else "failed_to_download",
+                            "error_message": None if ok else "HTTP Error 404: Not Found", "width": 12 if ok else None,
+                            "height": 12 if ok else None, "caption": None, "sha256": None})
+            if ok:
+                _image(out / shard / f"{key}.{ext}", colour)
+                (out / shard / f"{key}.json").write_text(json.dumps({"url": url, "key": key}))
+                (out / shard / f"{key}.txt").write_text("")
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(records), out / f"{shard}.parquet")
+    (out / "00000_stats.json").write_text("{}")
+    return out
+
+
+I2D_SHARDS = {
+    "00000": [("https://cdn.x.org/a/red.jpg", "red"), ("https://cdn.x.org/b/green.png?w=300", "green"),
+              ("https://cdn.x.org/blue.png", None)],  # a failed download: not counted as a missing file
+    "00001": [("https://cdn.x.org/blue.png", "blue"), ("https://cdn.x.org/yellow.jpg", "yellow")],
+}
+
+
+@pytest.mark.parametrize("which, ext", [("folder", "jpg"), ("folder", "webp"), ("file", "png")])
+def test_obelics_url_map_from_img2dataset_output(obelics_images: Path, tmp_path: Path, which: str, ext: str) -> None:
+    i2d = _img2dataset(tmp_path / "i2d", I2D_SHARDS, ext)
+    url_map = i2d if which == "folder" else i2d / "00000.parquet"
+    src = _parquet(tmp_path / "obelics" / "train-00000-of-01335.parquet", OBELICS_ROWS[:2])
+    out = tmp_path / "web"
+    # --images is not where img2dataset wrote: its files are found beside its parquet files.
+    summary = convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=url_map),
+                      str(out / "train-%06d.tar"), progress=False)
+    samples = _samples(out)
+    assert json.loads(samples[0]["json"])["url"] == "https://page/1"
+    assert _pairs(samples[0]) == [("red", "second"), ("green", "third")]
+    if which == "folder":  # both shards: the url that failed in 00000 was downloaded in 00001
+        assert summary.written == 2 and summary.skipped == {}
+        assert _pairs(samples[1]) == [("blue", "only"), ("yellow", "only")]
+    else:  # 00000 only: blue failed there, yellow is not in it; document 2 keeps no pair
+        assert summary.written == 1
+        assert summary.skipped == {"image dropped: not downloaded (img2dataset status)": 1,
+                                   "image dropped: url not in --url-map": 1, "fewer than 2 image-text pairs": 1}
+
+
+def test_obelics_url_map_img2dataset_webdataset_output_names_the_fix(obelics_images: Path, tmp_path: Path) -> None:
+    i2d = _img2dataset(tmp_path / "i2d", {"00000": I2D_SHARDS["00000"]})
+    shutil.make_archive(str(i2d / "00000"), "tar", i2d / "00000")  # as --output_format webdataset leaves it
+    shutil.rmtree(i2d / "00000")
+    src = _parquet(tmp_path / "o.parquet", OBELICS_ROWS)
+    with pytest.raises(ConvertError, match=r"00000\.tar.*mkdir .*00000 && tar -xf .*--output_format files"):
+        convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=i2d / "00000.parquet"),
+                str(tmp_path / "web" / "train-%06d.tar"), progress=False)
+
+
+def test_obelics_url_map_parquet_by_content_and_binary_maps(obelics_images: Path, tmp_path: Path) -> None:
+    src = _parquet(tmp_path / "o.parquet", OBELICS_ROWS[:1])
+    out = str(tmp_path / "web" / "train-%06d.tar")
+    # A url,path parquet whose name does not say so (its magic bytes do).
+    url_map = tmp_path / "urls.map"
+    pq.write_table(pa.table({"url": ["https://cdn.x.org/a/red.jpg", "https://cdn.x.org/b/green.png?w=300"],
+                             "path": ["red.jpg", "green.png"]}), url_map)
+    summary = convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=url_map), out,
+                      progress=False)
+    assert summary.written == 1
+    assert _pairs(_samples(tmp_path / "web")[0]) == [("red", "second"), ("green", "third")]
+    # Binary that is not parquet (a gzip given as a tsv): a clear error, not a UnicodeDecodeError.
+    gz = tmp_path / "urls.tsv"
+    gz.write_bytes(gzip.compress(b"url\tpath\n" * 100))
+    with pytest.raises(ConvertError, match="not UTF-8 text.*parquet"):
+        convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=gz), out, progress=False,
+                force=True)
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"link": ["x"], "file": ["y"]}), other)
+    with pytest.raises(ConvertError, match=r"url and path columns.*\['file', 'link'\]"):
+        convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=other), out, progress=False,
+                force=True)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 and then nothing a parquet reader wants")
+    with pytest.raises(ConvertError, match="not a readable parquet file"):
+        convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=broken), out, progress=False,
+                force=True)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(obelics_images: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    url_map = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["https://cdn.x.org/a/red.jpg"], "path": ["red.jpg"]}), url_map)
+    src = tmp_path / "o.jsonl"
+    src.write_text(json.dumps(OBELICS_ROWS[0]) + "\n")
+    rows = _parquet(tmp_path / "rows" / "train-00000-of-01335.parquet", OBELICS_ROWS[:1])
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import pyarrow.parquet -> ImportError
+    with pytest.raises(ConvertError, match="urls.parquet.*pip install pyarrow.*tsv with a url,path header"):
+        convert("obelics", ConvertOptions(src=src, images=obelics_images, url_map=url_map),
+                str(tmp_path / "web" / "train-%06d.tar"), progress=False)
+    with pytest.raises(ConvertError, match="train-00000-of-01335.parquet.*pip install pyarrow.*jsonl"):
+        convert("obelics", ConvertOptions(src=rows.parent, images=obelics_images),
                 str(tmp_path / "web" / "train-%06d.tar"), progress=False)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import pytest
 
-from mmict.companions import companion_configs, merge_rows
+from mmict.companions import companion_configs, merge_rows, wandb_group
 from mmict.config import ConfigError, load_config
 
 
@@ -37,3 +41,104 @@ def test_merge_keeps_both_zero_shots_apart_and_sorts_by_shots():
     assert [(r["method"], r["shots"]) for r in merged] == [
         ("zero-shot", 0), ("zero-shot [toy_mmict_binding]", 0), ("MMICT (M-Hub text features)", 1),
         ("AIM (fused tokens)", 2), ("MMICT (M-Hub text features)", 2)]
+
+
+def test_the_wandb_group_ties_a_run_to_its_companions():
+    cfg = load_config("toy_aim")
+    assert wandb_group(cfg, "runs/toy_aim/20250101-000000") == "toy_aim-20250101-000000"  # it has a companion
+    assert wandb_group(load_config("toy_aim", ["eval.companions=[]"]), "runs/toy_aim/x") is None  # no group needed
+    swept = load_config("toy_aim", ["logger.group=sweep-7"])
+    assert wandb_group(swept, "runs/toy_aim/x") == "sweep-7"  # a set group (a sweep's id) wins
+    [companion] = companion_configs(swept)
+    assert companion.logger.group == "sweep-7"
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run's `run-<id>.wandb` file (a LevelDB-style log of protobuf `Record`s)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, chunk, block = [], 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def offline_run(path: Path) -> dict:
+    """An offline run's id, name, group, job type, config (`run.method`) and the keys it logged."""
+    out: dict = {"logged": set()}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.update(id=run.run_id, name=run.display_name, group=run.run_group, job_type=run.job_type,
+                       config={item.key: json.loads(item.value_json) for item in run.config.update})
+        elif kind == "history":
+            out["logged"] |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return out
+
+
+@pytest.mark.slow
+def test_each_method_is_its_own_wandb_run_in_one_group(tmp_path, tiny_backbone_dir, monkeypatch):
+    """`make train`'s toy_aim and its MMICT companion with W&B offline: three W&B runs (AIM, MMICT, the joint
+    table), never one W&B run logged into by two methods."""
+    import wandb
+
+    from mmict.train import train
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_CONFIG_DIR": tmp_path / "wandb-config", "WANDB_CACHE_DIR": tmp_path / "wandb-cache",
+                       "WANDB_DATA_DIR": tmp_path / "wandb-data"}.items():
+        monkeypatch.setenv(key, str(value))
+    companion = ("toy_mmict_binding trainer.max_steps=2 trainer.val_check_interval=2 "
+                 "trainer.checkpoint_every_n_steps=2 trainer.progress_bar=false data.batch_size=4 data.num_workers=0 "
+                 "data.epoch_size=8 data.val_episodes=4 trainer.log_every_n_steps=1")
+    cfg = load_config("toy_aim", [
+        f"run_root={tmp_path / 'runs'}", f"data.root={tmp_path / 'toy'}", f"backbone.name_or_path={tiny_backbone_dir}",
+        "backbone.toy=null", "data.toy.num_docs=40", "data.toy.val_docs=8", "data.toy.vqa_train=12",
+        "data.toy.vqa_test=8", "data.toy.image_size=16", "data.toy.binding_episodes=4", "data.batch_size=4",
+        "data.num_workers=0", "data.epoch_size=8", "data.val_episodes=4", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2", "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1", "optim.warmup_steps=0", "eval.num_queries=4", "eval.shots=[0,1]",
+        "eval.seeds=[0]", "logger.wandb=true", "logger.offline=true", f"eval.companions=[{companion!r}]"])
+    try:
+        summary = train(cfg)
+    finally:
+        wandb.teardown()
+    main_dir, companion_dir = Path(summary["run_dir"]), Path(summary["companions"]["toy_mmict_binding"])
+    group = f"toy_aim-{main_dir.name}"
+    found = [offline_run(path) for folder in (main_dir, companion_dir)
+             for path in folder.glob("wandb/offline-run-*/run-*.wandb")]
+    runs = {run["name"]: run for run in found}
+    # Before: the companion's WandbLogger reused AIM's W&B run ("a wandb run already in progress"): one run.
+    assert sorted(runs) == sorted([f"toy_aim/{main_dir.name}", f"toy_mmict_binding/{companion_dir.name}",
+                                   f"toy_aim/{main_dir.name}/methods"]) and len(found) == 3, sorted(runs)
+    aim = runs[f"toy_aim/{main_dir.name}"]
+    mmict = runs[f"toy_mmict_binding/{companion_dir.name}"]
+    joint = runs[f"toy_aim/{main_dir.name}/methods"]
+    assert len({aim["id"], mmict["id"], joint["id"]}) == 3  # each its own id
+    assert aim["group"] == mmict["group"] == joint["group"] == group and joint["job_type"] == "methods"
+    # each its own config and its own results; the joint table only in the group's "methods" run
+    assert aim["config"]["run"]["method"] == "aim" and mmict["config"]["run"]["method"] == "mmict"
+
+    def logged(run: dict, key: str) -> bool:  # a table or image is logged as "<key>/_type", "<key>/path", ...
+        return any(k == key or k.startswith(key + "/") for k in run["logged"])
+
+    assert logged(aim, "eval/results") and logged(mmict, "eval/results")
+    assert logged(aim, "train/loss") and logged(mmict, "train/loss")
+    assert logged(joint, "methods/results") and logged(joint, "methods/methods_vs_shots")
+    assert not logged(aim, "methods/results") and not logged(mmict, "methods/results")
+    assert joint["config"]["companion_runs"] == {"toy_mmict_binding": str(companion_dir)}
+    assert json.loads((main_dir / "eval/methods.json").read_text())["wandb_group"] == group
+    assert load_config(companion_dir / "config.yaml").logger.group == group

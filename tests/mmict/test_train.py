@@ -149,3 +149,62 @@ def test_mmict_trains_on_the_task_and_its_checkpoint_evaluates(tmp_path_factory,
     assert ckpt["state_dict"] and all(k.startswith("hub.") for k in ckpt["state_dict"])  # no frozen weights
     rows = evaluate_checkpoint(run / "checkpoints/last.ckpt", ["eval.shots=[2]"])
     assert rows[0]["accuracy_mean"] == results["summary"][1]["accuracy_mean"]  # same weights, same demos
+
+
+def _small_run(root, tiny_backbone_dir, *overrides):
+    return load_config("toy_aim", [
+        f"run_root={root / 'runs'}", f"data.root={root / 'toy'}", f"backbone.name_or_path={tiny_backbone_dir}",
+        "backbone.toy=null", "data.toy.num_docs=40", "data.toy.val_docs=8", "data.toy.vqa_train=12",
+        "data.toy.vqa_test=8", "data.toy.image_size=16", "data.toy.binding_episodes=4", "data.batch_size=4",
+        "data.num_workers=0", "data.epoch_size=16", "data.val_episodes=4", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.checkpoint_every_n_steps=4", "trainer.progress_bar=false",
+        "optim.warmup_steps=0", "eval.num_queries=4", "eval.shots=[0]", "eval.seeds=[0]", "eval.companions=[]",
+        *overrides])
+
+
+def test_a_run_whose_evaluation_failed_is_evaluated_when_run_again(tmp_path, tiny_backbone_dir, monkeypatch,
+                                                                    caplog):
+    import mmict.train as train_module
+
+    cfg = _small_run(tmp_path, tiny_backbone_dir)
+    real_eval = train_module.run_eval
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(train_module, "run_eval", failing)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(cfg)
+    run = next((tmp_path / "runs" / "toy_aim").iterdir())
+    assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "summary.json").exists()
+    monkeypatch.setattr(train_module, "run_eval", real_eval)
+    fits = []
+    monkeypatch.setattr(train_module.L.Trainer, "fit", lambda *a, **k: fits.append(1))
+    with caplog.at_level("WARNING"):
+        summary = train(cfg)  # the same command again
+    assert not fits  # not trained again
+    assert "evaluating it now, not training it again" in caplog.text
+    assert list((run / "logs").glob("metrics.part-*.csv"))  # the training's metrics kept, not deleted by the logger
+    assert Path(summary["run_dir"]) == run and (run / "summary.json").exists() and summary["eval"]
+
+
+def test_a_refused_start_names_every_fix_and_leaves_no_run_folder(tmp_path, tiny_backbone_dir):
+    from mmict.preflight import PreflightError
+
+    cfg = _small_run(tmp_path, tiny_backbone_dir, "trainer.accelerator=gpu", "eval.task=okvqa",
+                     "eval.selection=random")
+    from mmict.toy.prepare import prepare
+
+    prepare(cfg)  # the toy world exists; the okvqa shards do not
+    # OK-VQA val converted to val-*.tar instead of test-*.tar
+    (tmp_path / "toy" / "okvqa").mkdir(parents=True)
+    (tmp_path / "toy" / "okvqa" / "val-000000.tar").write_bytes(b"")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the accelerator check passes here")
+    with pytest.raises(PreflightError) as err:
+        train(cfg)
+    text = str(err.value)
+    assert "trainer.accelerator=cpu" in text  # the GPU asked for, none visible
+    assert "okvqa/test-*.tar" in text and "found val-*.tar" in text and "mmict data convert okvqa" in text
+    assert "okvqa/train-*.tar" in text  # the demo pool too
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))

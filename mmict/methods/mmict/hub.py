@@ -175,6 +175,39 @@ def build_hub(backbone: Any, cfg: Any, vocab_size: int, pad_token_id: int) -> tu
     return hub, init
 
 
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def report_size(hub: MHub, init: HubInit, backbone: Any) -> int:
+    """Say the M-Hub's size at start ("M-Hub: 149.2M parameters (hidden 768, 12 layers, 32 queries; from ...)"), and
+    warn when it has more parameters than the backbone's language model: the default sizes (a BERT-base Q-Former,
+    the paper's, for 7B LLMs) on a small backbone build a hub bigger than the model it feeds, silently otherwise.
+    Returns the M-Hub's parameter count."""
+    n = parameter_count(hub)
+    q = hub.qformer.config
+    origin = "fresh, sizes from method.mmict.hub" if init.source == "fresh" else \
+        f"the BLIP-2 checkpoint {init.source}, its sizes"
+    log.info("M-Hub: %s parameters (hidden %d, %d layers, %d queries; from %s)", _human(n), q.hidden_size,
+             q.num_hidden_layers, hub.num_query_tokens, origin)
+    try:
+        lm = parameter_count(backbone.language_model)
+    except (AttributeError, NotImplementedError):  # an adapter without a separable language model: nothing to compare
+        return n
+    if n > lm:
+        fix = ("set smaller sizes for this backbone: method.mmict.hub.hidden_size / num_layers / num_heads / "
+               "intermediate_size (e.g. the backbone's own hidden size)") if init.source == "fresh" else \
+            "its sizes come from the BLIP-2 checkpoint (method.mmict.init_from_backbone=false: a fresh one of " \
+            "method.mmict.hub's sizes)"
+        log.warning("the M-Hub has more parameters (%s) than the backbone's language model (%s, %s): %s",
+                    _human(n), _human(lm), getattr(backbone, "name_or_path", "the backbone"), fix)
+    return n
+
+
 def _fresh(hub: MHub, backbone: Any, text_init: str) -> HubInit:
     init = HubInit("fresh", text_init=text_init)
     random = "random (a fresh InstructBLIP Q-Former's init: normal(0, initializer_range))"

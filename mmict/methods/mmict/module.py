@@ -33,7 +33,7 @@ from mmict.backbones import Backbone
 from mmict.batch import EpisodeBatch
 from mmict.config.schema import DEMO_DESIGNS  # the one list (method.demo_design)
 from mmict.methods.base import FrozenBackboneModule
-from mmict.methods.mmict.hub import HubInit, Visual, build_hub, frames_of
+from mmict.methods.mmict.hub import HubInit, Visual, build_hub, frames_of, report_size
 from mmict.methods.mmict.text_init import resolve_query_text
 from mmict.segments import Embeds, Prompt, Segment, Text
 
@@ -53,6 +53,7 @@ class MMICTModule(FrozenBackboneModule):
         self.hub, self.hub_init = build_hub(self.backbone, m, vocab_size=len(self.hub_tokenizer),
                                             pad_token_id=self.hub_tokenizer.pad_token_id)
         log.info("%s", self.hub_init.summary())
+        report_size(self.hub, self.hub_init, self.backbone)  # its parameter count; a warning if it outweighs the LLM
         self.query_text = resolve_query_text(m.query_text, self.design)  # the query's features read its prompt
         self.max_text_tokens = self.hub.qformer.config.max_position_embeddings
         self.eoc_id = self.backbone.add_special_token(EOC)

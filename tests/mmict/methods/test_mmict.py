@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -171,6 +173,36 @@ def test_fresh_hub_on_a_llava_backbone(tiny_backbone_dir):
     before = eval_loss(module.eval(), batch)
     fit_steps(module, batch, 10)
     assert eval_loss(module, batch) < before
+
+
+def test_hub_size_is_said_at_start_and_a_hub_bigger_than_the_llm_is_warned_about(tiny_backbone_dir, blip2_dirs,
+                                                                                  caplog):
+    with caplog.at_level(logging.INFO, logger="mmict.methods.mmict.hub"):
+        module = make_module(tiny_backbone_dir, family="llava")  # SMALL_HUB: bigger than the tiny LLM
+    n = sum(p.numel() for p in module.hub.parameters())
+    lm = sum(p.numel() for p in module.backbone.language_model.parameters())
+    assert n > lm
+    [size] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("M-Hub: ")]
+    assert size == f"M-Hub: {n:,} parameters (hidden 32, 2 layers, 4 queries; from fresh, sizes from method.mmict.hub)"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    said = re.search(r"more parameters \(([\d,]+)\) than the backbone's language model \(([\d,]+), ", warning)
+    assert said and said[1] == f"{n:,}"
+    assert 0 <= lm - int(said[2].replace(",", "")) <= 32  # counted before <eoc> (one row of 32) joined the table
+    assert "method.mmict.hub.hidden_size" in warning
+
+    caplog.clear()
+    small = {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "intermediate_size": 16,
+             "cross_attention_frequency": 1, "num_query_tokens": 2, "max_text_tokens": 8}
+    with caplog.at_level(logging.INFO, logger="mmict.methods.mmict.hub"):
+        make_module(tiny_backbone_dir, family="llava", hub=small)
+    assert "(hidden 8, 1 layers, 2 queries; from fresh" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # smaller than the LLM: no warning
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmict.methods.mmict.hub"):
+        make_module(blip2_dirs["blip2"])  # the sizes are the BLIP-2 checkpoint's
+    assert f"from the BLIP-2 checkpoint {blip2_dirs['blip2']}, its sizes)" in caplog.text
+    assert "its sizes come from the BLIP-2 checkpoint" in caplog.text  # bigger than the tiny OPT: said why
 
 
 # ---- video ------------------------------------------------------------------------------------------

@@ -88,14 +88,19 @@ def test_resume_choices(tmp_path, caplog):
     assert find_resume(load_config("toy_aim", ["resume=never"]), None) is None
 
 
-def test_a_run_trained_to_the_end_is_not_continued(tmp_path):
+def test_a_run_trained_to_the_end_is_evaluated_not_trained_again(tmp_path):
     cfg = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "trainer.max_steps=10"])
     run = tmp_path / "runs" / "toy_aim" / "20260101-000000"
     (run / "checkpoints").mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
-    torch.save({"global_step": 10}, run / "checkpoints" / "last.ckpt")  # finished, from before summary.json
-    assert find_resume(cfg, None) is None
+    torch.save({"global_step": 10}, run / "checkpoints" / "last.ckpt")  # trained, evaluation never finished
+    found = find_resume(cfg, None)
+    assert found.checkpoint == run / "checkpoints" / "last.ckpt" and found.trained
     torch.save({"global_step": 6}, run / "checkpoints" / "last.ckpt")  # interrupted at step 6
-    assert find_resume(cfg, None).checkpoint == run / "checkpoints" / "last.ckpt"
+    found = find_resume(cfg, None)
+    assert found.checkpoint == run / "checkpoints" / "last.ckpt" and not found.trained
+    (run / "summary.json").write_text("{}")  # finished (evaluated): never resumed
+    assert find_resume(cfg, None) is None
+    (run / "summary.json").unlink()
     other = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "trainer.max_steps=10", "optim.lr=0.5"])
     assert find_resume(other, None) is None  # another config: not this run
