@@ -63,6 +63,16 @@ def task_episode(demos: list[Example], query: Example, task: EpisodeFormat, rng:
     }
 
 
+def _decoded(samples: Iterable[dict], image_transform: ImageTransform, watchdog: _Watchdog
+             ) -> Iterator[tuple[Example, str]]:
+    """Each usable example of the stream with its source; corrupt samples are skipped and counted."""
+    for sample in samples:
+        watchdog.shards_since_sample = 0
+        example = decode_example(sample, image_transform, eager=True)
+        if example is not None:
+            yield example, source_of(sample)
+
+
 def _group_episodes(
     samples: Iterable[dict], *, task: EpisodeFormat, image_transform: ImageTransform, plan: ShotPlan,
     rng: random.Random | None, seed: int, watchdog: _Watchdog, augment_size: int | None = None,
@@ -78,16 +88,12 @@ def _group_episodes(
     group: list[Example] = []
     want = None
     made = 0
-    for sample in samples:
-        watchdog.shards_since_sample = 0
-        example = decode_example(sample, image_transform, eager=True)
-        if example is None:
-            continue
+    for example, source in _decoded(samples, image_transform, watchdog):
         if want is None:
             want = plan(made)[0] + 1
         group.append(example)
         if len(group) == want:
-            yield {**task_episode(group[:-1], group[-1], task, rng), "source": source_of(sample)}
+            yield {**task_episode(group[:-1], group[-1], task, rng), "source": source}
             group, want = [], None
             made += 1
 
@@ -102,22 +108,17 @@ def _validation_episodes(
     one with fewer than 2 cannot make an episode (warned). Targets are drawn from (seed, query id): the same on
     every pass and worker split."""
     k = plan(0)[0]
-    window: deque[Example] = deque(maxlen=k) if k > 0 else deque(maxlen=1)
+    window: deque[Example] = deque(maxlen=k)
     kept: list[tuple[Example, str]] = []  # the split's examples while no episode has been made (the fallback)
     made = 0
-    for sample in samples:
-        watchdog.shards_since_sample = 0
-        example = decode_example(sample, image_transform, eager=True)
-        if example is None:
-            continue
-        if k == 0 or len(window) == k:
-            demos = list(window) if k > 0 else []
-            yield {**task_episode(demos, example, task, random.Random(f"{seed}/{example.id}")),
-                   "source": source_of(sample)}
+    for example, source in _decoded(samples, image_transform, watchdog):
+        if len(window) == k:  # k = 0: every example a query without demos
+            yield {**task_episode(list(window), example, task, random.Random(f"{seed}/{example.id}")),
+                   "source": source}
             made += 1
         window.append(example)
         if made == 0:
-            kept.append((example, source_of(sample)))
+            kept.append((example, source))
     if made or k == 0:
         return
     name = getattr(task, "name", "task")

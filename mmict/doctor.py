@@ -90,16 +90,12 @@ class ContextRow:
     tokens: int | None  # the longest prompt plus the answer's tokens (None: measured only when run)
 
 
-def context_table(module, cfg: DictConfig, pool: list, queries: list) -> tuple[list[ContextRow], list[Check]]:
+def context_table(module, cfg: DictConfig, task, protocol, pool: list, queries: list
+                  ) -> tuple[list[ContextRow], list[Check]]:
     """Per evaluated shot count and demo mode: the prompt length the run will need, against the LM's limit."""
     from mmict.eval.loop import ContextCounter, answer_tokens, demos_shown, trial_modes
-    from mmict.eval.protocol import end_of_chunk, resolve
-    from mmict.eval.tasks import get_task
     from mmict.prompts import MODE_NAMES, PROMPT_MODE
 
-    task = get_task(cfg.eval.task, cfg.data.prompt_format)
-    protocol = resolve(cfg.eval, task, selection="random", eoc=end_of_chunk(module.backbone.tokenizer),
-                       prompt_format=cfg.data.prompt_format, encoder_decoder=module.backbone.is_encoder_decoder)
     counter, limit = ContextCounter(module), module.backbone.max_positions
     extra = answer_tokens(module, task, protocol)
     rows, checks = [], []
@@ -150,15 +146,10 @@ def memory_estimate(module, cfg: DictConfig, longest: int) -> Check:
     return Check("memory per evaluation batch", True, f"{detail} (no accelerator: not compared)")
 
 
-def end_to_end(module, cfg: DictConfig, pool: list, queries: list) -> Check:
+def end_to_end(module, cfg: DictConfig, task, protocol, pool: list, queries: list) -> Check:
     """A handful of queries through the real evaluation loop at the smallest and largest shot counts."""
     from mmict.eval.loop import evaluate
-    from mmict.eval.protocol import end_of_chunk, resolve
-    from mmict.eval.tasks import get_task
 
-    task = get_task(cfg.eval.task, cfg.data.prompt_format)
-    protocol = resolve(cfg.eval, task, selection="random", eoc=end_of_chunk(module.backbone.tokenizer),
-                       prompt_format=cfg.data.prompt_format, encoder_decoder=module.backbone.is_encoder_decoder)
     shots = sorted({min(cfg.eval.shots), max(cfg.eval.shots)})
     try:
         results = evaluate(module, queries, pool, shots=shots, seeds=[0], demo_modes=module.eval_demo_modes(),
@@ -193,27 +184,24 @@ def doctor(cfg: DictConfig, num_queries: int = 4) -> list[Check]:
     if not all(c.ok for c in checks if c.item.startswith("eval shards")):
         return checks
     from data_modules.downstream import DownstreamDataModule
+    from mmict.eval.runner import protocol_for
+    from mmict.eval.selection import example_image
 
     dm = DownstreamDataModule(cfg.data.root, folder=task.folder, task=task.name,
                               image_transform=module.backbone.image_transform, num_queries=num_queries)
     dm.setup("test")
     pool, queries = list(dm.pool), list(dm.queries)
-    image = _raw_image(queries[0])
-    if image is not None:
-        checks += adapter_parity(module.backbone, image)
-    rows, context_checks = context_table(module, cfg, pool, queries)
+    try:
+        checks += adapter_parity(module.backbone, example_image(queries[0]))
+    except ValueError as err:  # an example without its encoded image: nothing to give the processor
+        checks.append(Check("adapter vs HF model", False, str(err), "evaluate from shards (they keep the image)"))
+    protocol = protocol_for(cfg, task, module.backbone)
+    rows, context_checks = context_table(module, cfg, task, protocol, pool, queries)
     checks += context_checks
     longest = max((r.tokens for r in rows if r.tokens is not None), default=256)
     checks.append(memory_estimate(module, cfg, longest))
-    checks.append(end_to_end(module, cfg, pool, queries))
+    checks.append(end_to_end(module, cfg, task, protocol, pool, queries))
     return checks
-
-
-def _raw_image(example) -> Any:
-    from data_modules.episodes import decode_image
-
-    data = example.image_bytes or (example.frames_bytes or [None])[0]
-    return None if data is None else decode_image(data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,11 +219,10 @@ def evaluate(
     r = dict(rices or {})
     cache_dir = r.pop("cache_dir", None)
     all_queries = list({q.id: q for plan in plans.values() for q in plan.queries}.values())
-    full_pool = list(pool)
     # RICES searches the whole train split (OpenFlamingo's RICES(train_dataset), evaluate.py lines 985-992); random
     # demos come from each seed's pool.
     if selection == "rices":
-        shared = make_selector(selection, full_pool, episodic=task.episodic, clip=r or None, cache_dir=cache_dir,
+        shared = make_selector(selection, pool, episodic=task.episodic, clip=r or None, cache_dir=cache_dir,
                                pool_name=f"{task.name}-train", progress=progress)
         shared.prepare(all_queries)  # every query's CLIP features in batches, once
         selectors = {seed: shared for seed in plans}

@@ -131,6 +131,12 @@ def seed_plans(dm: DownstreamDataModule, pool: Sequence[Example], protocol: Reso
     return plans, record
 
 
+def protocol_for(cfg: DictConfig, task: Task, backbone) -> ResolvedProtocol:
+    """The run's protocol for `task` on `backbone` (its end-of-chunk token, encoder-decoder or not)."""
+    return resolve(cfg.eval, task, selection=cfg.eval.selection, eoc=end_of_chunk(backbone.tokenizer),
+                   prompt_format=cfg.data.prompt_format, encoder_decoder=backbone.is_encoder_decoder)
+
+
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
              wandb_run: Any = None) -> EvalOutcome:
     """Shots x seeds x demo modes on `cfg.eval.task` under `cfg.eval.protocol`; writes results.json, results.md,
@@ -142,8 +148,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     if ev.postprocess:
         task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
     backbone = module.backbone
-    protocol = resolve(ev, task, selection=ev.selection, eoc=end_of_chunk(backbone.tokenizer),
-                       prompt_format=cfg.data.prompt_format, encoder_decoder=backbone.is_encoder_decoder)
+    protocol = protocol_for(cfg, task, backbone)
     if protocol.vqa_scoring == "openflamingo" and task.name in ID_LESS_VQA_TASKS:
         task = dataclasses.replace(task, score=vqa_accuracy_openflamingo)
     # Checked before any data is read: a family without a base view refuses eval.demo_image_view=base.
