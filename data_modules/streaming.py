@@ -225,6 +225,11 @@ class ShardStream(IterableDataset):
         base, extra = divmod(self.batches_per_rank, num_workers)
         return base + (1 if worker < extra else 0)
 
+    def _stream_items(self, samples: Iterable[dict]) -> Iterable:
+        """What the stream deals, shuffles and counts for resuming: the shards' samples (a subclass may group them,
+        e.g. an episodic task's whole episodes, so none of those steps ever splits a group)."""
+        return samples
+
     def _train_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
         """The batches of stream ``worker`` (of ``num_workers``) in this epoch: steps worker, worker + W, ..."""
         num_batches = self.worker_batches(worker, num_workers)
@@ -243,7 +248,8 @@ class ShardStream(IterableDataset):
             urls = _passes(order[slot::slots], seed=f"{self.seed}/{self.epoch}/{slot}")
         else:  # every slot reads the same sequence, so every_nth gives disjoint shares of it
             urls = _passes(order, seed=f"{self.seed}/{self.epoch}")
-        samples: Iterable[dict] = wds.tarfile_to_samples(handler=skip_handler("tar"))(_count_shards(urls, watchdog))
+        samples: Iterable = self._stream_items(
+            wds.tarfile_to_samples(handler=skip_handler("tar"))(_count_shards(urls, watchdog)))
         if not by_shard:
             samples = _every_nth(samples, slot, slots)
         stream_seed = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"

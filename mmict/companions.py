@@ -70,10 +70,20 @@ def wandb_group(cfg: DictConfig, run_dir: str | Path) -> str | None:
 
 def merge_rows(rows: Sequence[dict], companion: str, others: Sequence[dict]) -> list[dict]:
     """This run's rows and a companion's; a companion row whose method name this run already has (its own
-    zero-shot, say) is kept under "<method> [<companion>]". Sorted by shots, then method."""
+    zero-shot, say) is kept under "<method> [<companion>]", unless it is the same measurement (the same method and
+    shots with the same numbers: a training-free baseline both runs evaluated on the same backbone and queries),
+    which is listed once. Sorted by shots, then method."""
     seen = {r["method"] for r in rows}
-    renamed = [r if r["method"] not in seen else {**r, "method": f"{r['method']} [{companion}]"} for r in others]
+    same = {(r["method"], r["shots"], _numbers(r)) for r in rows}
+    renamed = [r if r["method"] not in seen else {**r, "method": f"{r['method']} [{companion}]"} for r in others
+               if (r["method"], r["shots"], _numbers(r)) not in same]
     return sorted([*rows, *renamed], key=lambda r: (r["shots"], r["method"]))
+
+
+def _numbers(row: dict) -> str:
+    """A row's measured values (all but its name and the peak memory, which varies run to run on a GPU)."""
+    return json.dumps({k: v for k, v in row.items() if k not in ("method", "peak_memory_mb")}, sort_keys=True,
+                      default=str)
 
 
 def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: EvalOutcome, eval_dir: Path,

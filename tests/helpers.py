@@ -43,8 +43,9 @@ SMALL_HUB = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_s
              "cross_attention_frequency": 1, "num_query_tokens": 4, "max_text_tokens": 32}
 
 
-def make_mmict_module(path, family="blip2", design="fused", seed=0, **mmict):
-    """An MMICT module with SMALL_HUB on the tiny backbone at `path`, seeded."""
+def make_mmict_module(path, family="blip2", design="fused", seed=0, task="toy_vqa", **mmict):
+    """An MMICT module with SMALL_HUB on the tiny backbone at `path`, seeded, trained on `task`'s episodes (None:
+    the web corpus, whose queries have no prompt)."""
     import torch
 
     from mmict.config import config_from_dict
@@ -55,6 +56,7 @@ def make_mmict_module(path, family="blip2", design="fused", seed=0, **mmict):
         "method": {"name": "mmict", "demo_design": design, "mmict": {"hub": SMALL_HUB, **mmict}},
         "backbone": {"family": family, "name_or_path": str(path), "toy": None},
         "optim": {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.05},
+        "data": {"task": task},
     })
     return MMICTModule(cfg)
 
@@ -74,3 +76,23 @@ def episode_batch(backbone):
         query_prompts=["Question: what color is the shape? Short answer:", "", "a red"],
         query_targets=["red", "a blue square in the center .", "circle"],
     )
+
+
+def evaluate_trained(cfg, summary, *, folder: str, task: str, shots, demo_modes, max_new_tokens: int,
+                     num_queries: int = 120):
+    """The run's last checkpoint, loaded into a fresh module of its method, evaluated on `task` (seed 0, the first
+    `num_queries` test queries): its `evaluate` results."""
+    import torch
+
+    from data_modules.downstream import DownstreamDataModule
+    from mmict.eval.loop import evaluate
+    from mmict.methods import METHODS
+
+    module = METHODS[cfg.method.name](cfg)
+    state = torch.load(f"{summary['run_dir']}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    module.load_state_dict(state["state_dict"])
+    dm = DownstreamDataModule(cfg.data.root, folder=folder, task=task, image_transform=module.backbone.image_transform,
+                              num_queries=num_queries)
+    dm.setup("test")
+    return evaluate(module, dm.queries, dm.pool, shots=list(shots), seeds=[0], demo_modes=list(demo_modes), task=task,
+                    max_new_tokens=max_new_tokens, progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +78,7 @@ def _check_tree(node: Mapping[Any, Any], dc: type, prefix: str, source: str, ori
             else:
                 raise _type_error(full_key, value, source)
         else:
-            if isinstance(value, Mapping):
+            if isinstance(value, Mapping) and typing.get_origin(inner) is not dict:
                 # Otherwise the nested keys would be reported as "unknown", hiding the real mistake.
                 raise _type_error(full_key, dict(value), source)
             origin[full_key] = source

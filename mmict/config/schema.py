@@ -52,7 +52,7 @@ LIGHTNING_PRECISIONS: tuple[str, ...] = (
 
 @dataclass
 class ToyBackboneConfig:
-    """Sizes of the tiny random-init LLaVA built when the backbone folder does not exist yet."""
+    """Sizes of the tiny random-init toy backbone (LLaVA or BLIP-2) built when its folder does not exist yet."""
 
     image_size: int = 32
     patch_size: int = 8
@@ -76,6 +76,15 @@ class ToyBackboneConfig:
     pretrain_grounding_layer: int = 2
     pretrain_batch_size: int = 16
     pretrain_lr: float = 1e-3
+    # Document kinds of the language stage and their weights (mmict/toy/pretrain_data.py MIX: captions, binding,
+    # word_lists, recall, concept); null: MIX.
+    pretrain_mix: Optional[dict[str, float]] = None
+    # llava (a tiny LLaVA) | blip2 (a tiny BLIP-2 with an OPT LM: vision tower, Q-Former, OPT; mmict/toy/blip2.py)
+    family: str = "llava"
+    qformer_hidden_size: int = 64  # blip2: the Q-Former's width, depth and query count
+    qformer_layers: int = 2
+    num_query_tokens: int = 8
+    pretrain_qformer_steps: int = 0  # blip2: BLIP-2's stage 1 (Q-Former + text branch: ITC, ITM, ITG); 0 = skip
 
 
 @dataclass
@@ -167,7 +176,8 @@ class MethodConfig:
 
 @dataclass
 class ToyWorldConfig:
-    """Size of the self-made toy world (interleaved docs, a VQA task, a binding task) under data.root."""
+    """Size of the self-made toy world (interleaved docs, a VQA task, the binding and concept tasks) under
+    data.root."""
 
     num_docs: int = 3000
     val_docs: int = 200
@@ -178,6 +188,13 @@ class ToyWorldConfig:
     binding_pool_per_class: int = 8  # demo pool images per class and episode
     binding_queries_per_episode: int = 3
     n_way: int = 2  # classes per binding episode
+    concept_fraction: float = 0.25  # of the web documents that are concept episodes (tuning rules)
+    concept_episodes: int = 100  # downstream concept episodes (eval rules)
+    concept_pool_per_class: int = 8  # demo pool images per label (yes / no) and episode
+    concept_queries_per_episode: int = 3  # their labels uniformly random
+    concept_tuning_episodes: int = 600  # concept_tuning train split: episodes over the tuning rules
+    concept_tuning_val_episodes: int = 50  # concept_tuning val split
+    concept_tuning_per_class: int = 5  # images per label and concept_tuning episode
     image_size: int = 32
     seed: int = 0
 

@@ -1,9 +1,10 @@
 """Demo selection: which k pool examples a query sees as its demonstrations.
 
-`random` draws k distinct examples from the whole pool (OpenFlamingo's protocol). `episodic` (binding
-tasks) draws them from the query's own episode, cycling over its classes from a random start, so from
-k >= N every class has a demo and the query's class may or may not have one at k < N: answering with a
-demo's word is right 1 time in N at every k >= 1 (the chance rate the tables report).
+`random` draws k distinct examples from the whole pool (OpenFlamingo's protocol). `episodic` (binding and
+concept tasks: their answers are the classes) draws them from the query's own episode, cycling over its classes
+from a random start, so from k >= N every class has a demo and the query's class may or may not have one at
+k < N: answering with a demo's word is right 1 time in N at every k >= 1 (the chance rate the tables report;
+concept: yes / no, 1/2).
 
 `rices` (Retrieval-based In-Context Example Selection, OpenFlamingo's `eval/rices.py`) takes the k pool
 examples whose open_clip image features are closest (cosine) to the query's, most similar last. The pool's
@@ -85,7 +86,8 @@ class DemoSelector:
         for label, n in zip(labels, counts):
             if n > len(by_class[label]):
                 raise ValueError(f"{k} shots need {n} demos of class {label!r} in episode {query.group}, "
-                                 f"the pool has {len(by_class[label])}: raise binding_pool_per_class")
+                                 f"the pool has {len(by_class[label])}: raise the toy world's "
+                                 "binding_pool_per_class (concept_pool_per_class on a concept task)")
             demos += rng.sample(by_class[label], n)
         rng.shuffle(demos)
         return demos

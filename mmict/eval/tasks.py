@@ -16,7 +16,17 @@ from typing import Any, Literal
 from data_modules.downstream import Example
 from mmict.eval.metrics import caption_metrics, exact_match, hateful_memes_auc, okvqa_postprocess, vqa_accuracy
 from mmict.eval.postprocess import first_word, postprocess_caption, postprocess_vqa
-from mmict.toy.language import BINDING_PROMPT, BINDING_TASK, binding_text, vqa_demo_text, vqa_prompt
+from mmict.toy.language import (
+    BINDING_PROMPT,
+    BINDING_TASK,
+    CONCEPT_PROMPT,
+    CONCEPT_TASK,
+    CONCEPT_TUNING_TASK,
+    binding_text,
+    concept_text,
+    vqa_demo_text,
+    vqa_prompt,
+)
 
 
 def answers_of(example: Example) -> list[str]:
@@ -166,6 +176,20 @@ def _binding_demo(d: Example) -> str:
     return binding_text(d.answers[0])
 
 
+def _concept_prompt(q: Example) -> str:
+    return q.question or CONCEPT_PROMPT
+
+
+def _concept_demo(d: Example) -> str:
+    return concept_text(d.answers[0])
+
+
+def _concept_task(name: str, folder: str) -> Task:
+    # Episodic: demos from the query's episode, balanced over its labels (yes / no: chance 1/2).
+    return Task(name, _concept_prompt, _concept_demo, folder=folder, postprocess=first_word, episodic=True,
+                max_new_tokens=2, style="toy", metric="accuracy")
+
+
 TASKS: dict[str, Task] = {
     # Real benchmarks (shards from the converters: see docs/data.md).
     "vqav2": _vqa_task("vqav2"),
@@ -186,6 +210,10 @@ TASKS: dict[str, Task] = {
     "toy_vqa": Task("toy_vqa", _toy_vqa_prompt, _toy_vqa_demo, folder="vqa", style="toy"),
     BINDING_TASK: Task(BINDING_TASK, _binding_prompt, _binding_demo, folder="binding", postprocess=first_word,
                        episodic=True, max_new_tokens=3, style="toy"),
+    # Concept induction: the eval rules (`concept/`), and the tuning rules (`concept_tuning/`: train / val splits,
+    # to train on a task's own split, data.task) whose rules are never evaluated.
+    CONCEPT_TASK: _concept_task(CONCEPT_TASK, "concept"),
+    CONCEPT_TUNING_TASK: _concept_task(CONCEPT_TUNING_TASK, "concept_tuning"),
 }
 
 

@@ -16,40 +16,15 @@ from typing import Any
 
 import torch
 
-from mmict.toy.language import DEFAULT_ATTRIBUTES, SYLLABLES, binding_vocabulary, toy_vocabulary, word_pools
+from mmict.toy.language import DEFAULT_ATTRIBUTES, word_pools
+from mmict.toy.tokenizer import build_tokenizer, toy_language
 
 log = logging.getLogger(__name__)
 
 MARKER = "mmict_toy_backbone.json"
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 # 2: syllable word pieces, text warm-up, frozen vision tower; 3: vision stage; 4: grounding; 5: the tokenizer adds
 # BOS as Llama's does, and the LLaVA processor is saved (a normal HF folder: the processor's ids are the adapter's)
 RECIPE_VERSION = 5
-
-
-def build_tokenizer(vocabulary: list[str], pieces: list[str] = ()) -> Any:
-    """A fast tokenizer over the toy vocabulary: whole words, plus word pieces for nonsense words.
-
-    Words split like `\\w+|[^\\w\\s]+`; a word that is not in the vocabulary is cut into `pieces`
-    (longest first, continuations written "##po"), so "dapo" -> "da", "##po" and decodes back to "dapo".
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = SPECIAL_TOKENS + [w for w in vocabulary if w not in SPECIAL_TOKENS]
-    words += [p for p in pieces if p not in words] + [f"##{p}" for p in pieces]
-    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins pieces, and words with spaces
-    # BOS in front when special tokens are asked for, as Llama's tokenizers do: the model's own processor then gives
-    # the ids the adapter gives (which adds BOS itself and tokenises its segments without special tokens).
-    bos = words.index("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
 
 
 def build_toy_llava(cfg: Any, vocabulary: list[str], pieces: list[str] = ()) -> tuple[Any, Any, Any]:
@@ -92,25 +67,43 @@ def build_toy_llava(cfg: Any, vocabulary: list[str], pieces: list[str] = ()) -> 
 ARCH_FIELDS = ("image_size", "patch_size", "vision_hidden_size", "vision_layers", "text_hidden_size",
                "text_layers", "num_heads", "intermediate_size", "max_position_embeddings", "seed")
 PRETRAIN_FIELDS = ("pretrain_steps", "pretrain_text_steps", "pretrain_vision_steps", "pretrain_grounding_weight",
-                   "pretrain_grounding_layer", "pretrain_batch_size", "pretrain_lr")
-
-
-def toy_language() -> tuple[list[str], list[str]]:
-    """(whole words, word pieces) of the toy world: captions, VQA and binding texts, and syllables."""
-
-    return sorted(set(toy_vocabulary() + binding_vocabulary())), list(SYLLABLES)
+                   "pretrain_grounding_layer", "pretrain_batch_size", "pretrain_lr", "pretrain_mix")
+# The toy BLIP-2's own fields (`family: blip2`): its Q-Former, and BLIP-2's stage 1 (mmict/toy/qformer_stage.py).
+BLIP2_FIELDS = ("family", "qformer_hidden_size", "qformer_layers", "num_query_tokens", "pretrain_qformer_steps")
 
 
 def toy_recipe(cfg: Any) -> dict:
     """The fields that determine the toy backbone (architecture, language, pretraining) and their hash."""
 
     keys = ARCH_FIELDS + (PRETRAIN_FIELDS if getattr(cfg, "pretrain_steps", 0) else ())
-    fields = {k: getattr(cfg, k, 0) for k in keys}
+    keys += BLIP2_FIELDS if family_of(cfg) == "blip2" else ()
+    fields = {k: _plain(getattr(cfg, k, 0)) for k in keys}
+    if fields.get("pretrain_mix", 0) is None:  # the default mix: left out, so recipes written before it keep their hash
+        del fields["pretrain_mix"]
     words, pieces = toy_language()
     pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
     blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,
                        "binding_attributes": DEFAULT_ATTRIBUTES, "version": RECIPE_VERSION}, sort_keys=True)
     return {"fields": fields, "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def family_of(cfg: Any) -> str:
+    family = getattr(cfg, "family", None) or "llava"
+    if family not in ("llava", "blip2"):
+        raise ValueError(f"backbone.toy.family={family!r}: the toy backbones are llava (a tiny LLaVA) and blip2 (a "
+                         "tiny BLIP-2 with an OPT LM)")
+    return family
+
+
+def _plain(value: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            return OmegaConf.to_container(value)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value
 
 
 def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path:
@@ -130,6 +123,12 @@ def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path
             f"{path} exists and is not a toy backbone (no {MARKER}); refusing to overwrite it. "
             "Set backbone.toy=null to load it as a real model, or choose another backbone.name_or_path."
         )
+    if family_of(cfg) == "blip2":
+        from mmict.toy.blip2 import write_toy_blip2
+
+        recipe.update(write_toy_blip2(path, cfg))
+        marker.write_text(json.dumps(recipe, indent=2))
+        return path
     model, tokenizer, image_processor = build_toy_llava(cfg, *toy_language())
     if getattr(cfg, "pretrain_steps", 0):
         from mmict.backbones.llava import LlavaBackbone

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -53,21 +53,41 @@ from mmict.toy.language import (
     word_pools,
 )
 from mmict.toy.pretrain_data import ImageBank, ToyPretrainStream
+from mmict.toy.probes import icl_probe, probe_concept
 
 log = logging.getLogger(__name__)
 
 
-class ToyVisionModule(L.LightningModule):
-    """Stage 1: every patch token LLaVA reads predicts its image's colour, shape and position."""
+# The vision tower of each toy family, the tokens its LM side reads, and its parameters' name prefix.
+_TOWER_PREFIX = {"llava": "model.vision_tower.", "blip2": "vision_model."}
 
-    def __init__(self, vision_tower: torch.nn.Module, feature_layer: int, lr: float, n_classes: Sequence[int]) -> None:
+
+def vision_tower(backbone: Backbone) -> torch.nn.Module:
+    return backbone.model.model.vision_tower if backbone.family == "llava" else backbone.model.vision_model
+
+
+def tower_tokens(backbone: Backbone, pixels: torch.Tensor) -> torch.Tensor:
+    """The patch tokens the model reads: LLaVA's `vision_feature_layer`, BLIP-2's last hidden state (post-LayerNorm,
+    what its Q-Former cross-attends to), without the CLS token."""
+    tower = vision_tower(backbone)
+    if backbone.family == "llava":
+        layer = backbone.model.config.vision_feature_layer
+        return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+    return tower(pixel_values=pixels).last_hidden_state[:, 1:]
+
+
+class ToyVisionModule(L.LightningModule):
+    """Stage 1: every patch token the model reads predicts its image's colour, shape and position."""
+
+    def __init__(self, backbone: Backbone, lr: float, n_classes: Sequence[int]) -> None:
         super().__init__()
-        self.tower, self.feature_layer, self.lr = vision_tower, feature_layer, lr
-        self.heads = torch.nn.ModuleList([torch.nn.Linear(vision_tower.config.hidden_size, n) for n in n_classes])
+        self.tower, self.lr = vision_tower(backbone), lr
+        self.read = lambda pixels: tower_tokens(backbone, pixels)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(self.tower.config.hidden_size, n) for n in n_classes])
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         pixels, labels = batch
-        tokens = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[self.feature_layer][:, 1:]
+        tokens = self.read(pixels)
         loss = sum(torch.nn.functional.cross_entropy(head(tokens).flatten(0, 1),
                                                      labels[:, i].repeat_interleave(tokens.shape[1]))
                    for i, head in enumerate(self.heads)) / len(self.heads)
@@ -85,16 +105,14 @@ def pretrain_vision_tower(backbone: Backbone, cfg: Any, progress: bool = True
     Returns the per-token accuracies and the attribute heads (shape, colour, position), frozen: stage 2's
     grounding loss uses them to label images."""
 
-    model = backbone.model.model
     bank = ImageBank(backbone.image_transform, cfg.image_size, variants=12, seed=cfg.seed + 100)
     keys = list(bank.pixels)
     pixels = torch.stack([p for key in keys for p in bank.pixels[key]])
     labels = torch.tensor([(SHAPES.index(s), COLORS.index(c), POSITIONS.index(p)) for s, c, p in keys
                            for _ in bank.pixels[s, c, p]])
-    layer = model.config.vision_feature_layer
-    module = ToyVisionModule(model.vision_tower, layer, lr=2e-3,
-                             n_classes=(len(SHAPES), len(COLORS), len(POSITIONS)))
-    model.vision_tower.requires_grad_(True)
+    module = ToyVisionModule(backbone, lr=2e-3, n_classes=(len(SHAPES), len(COLORS), len(POSITIONS)))
+    tower = vision_tower(backbone)
+    tower.requires_grad_(True)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(pixels, labels), batch_size=64,
                                          shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=cfg.pretrain_vision_steps, max_epochs=-1,
@@ -102,10 +120,10 @@ def pretrain_vision_tower(backbone: Backbone, cfg: Any, progress: bool = True
                         enable_model_summary=False)
     log.info("pretraining the toy vision tower for %d steps", cfg.pretrain_vision_steps)
     trainer.fit(module, train_dataloaders=loader)
-    model.vision_tower.requires_grad_(False)
+    tower.requires_grad_(False)
     module.eval()
     with torch.no_grad():
-        tokens = model.vision_tower(pixel_values=pixels[:512], output_hidden_states=True).hidden_states[layer][:, 1:]
+        tokens = tower_tokens(backbone, pixels[:512])
         acc = {name: (head(tokens).argmax(-1) == labels[:512, i, None]).float().mean().item()
                for i, (name, head) in enumerate(zip(("shape", "color", "position"), module.heads))}
     log.info("toy vision tower: per-token accuracy %s", {k: f"{100 * v:.0f}%" for k, v in acc.items()})
@@ -126,10 +144,10 @@ class ToyPretrainModule(L.LightningModule):
                  grounding_layer: int = 2) -> None:
         super().__init__()
         self.backbone = backbone
-        vision = backbone.model.model.vision_tower
+        vision = vision_tower(backbone)
         for name, p in backbone.model.named_parameters():
             # Stage 2 (see the module docstring): the vision tower stays frozen.
-            p.requires_grad_(not name.startswith("model.vision_tower."))
+            p.requires_grad_(not name.startswith(_TOWER_PREFIX[backbone.family]))
         self.lr, self.max_steps, self.warmup_steps = lr, max_steps, warmup_steps
         self.trainable = [p for p in backbone.model.parameters() if p.requires_grad]
         assert not any(p.requires_grad for p in vision.parameters())
@@ -167,7 +185,7 @@ class ToyPretrainModule(L.LightningModule):
         if not images:
             return None
         with torch.no_grad():  # each image's attributes, from the frozen tower and its stage-1 heads
-            features = torch.stack(self.backbone.vision_features(images))
+            features = tower_tokens(self.backbone, torch.stack([self.backbone.to_model(p) for p in images]))
             labels = [head(features).mean(1).argmax(-1) for head in self.image_heads]
         rows, cols, owner = text_after_images(batch, inputs.spans)
         if not rows:
@@ -215,7 +233,6 @@ def probe_reading(backbone: Backbone, *, images: int = 120, image_size: int = 32
     return accuracy
 
 
-@torch.no_grad()
 def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), modes: Sequence[str] = ("images", "text"),
                   episodes: int = 200, n_way: int = 2, image_size: int = 32, seed: int = 0,
                   batch_size: int = 50) -> dict[str, dict[int, float]]:
@@ -223,36 +240,32 @@ def probe_binding(backbone: Backbone, *, shots: Sequence[int] = (0, 1, 2, 4), mo
 
     bank = ImageBank(backbone.image_transform, image_size, seed=seed + 1)
     pool = word_pools()["eval"]
-    results: dict[str, dict[int, float]] = {}
-    for k in shots:
-        for mode in ["none"] if k == 0 else modes:
-            rng = random.Random(f"probe/{seed}/{k}")  # the same episodes for every mode
-            correct = 0
-            for start in range(0, episodes, batch_size):
-                prompts, answers = [], []
-                for _ in range(min(batch_size, episodes - start)):
-                    ep = sample_episode(rng, pool, n_way)
-                    demos = [ep.image(c, rng) for c in balanced_classes(rng, n_way, k)]
-                    query = ep.image(rng.randrange(n_way), rng)
-                    pixels = [bank.draw(rng, d.shape, d.color, d.position) for d in demos]
-                    prompts.append(build_prompt(mode, bank.draw(rng, query.shape, query.color, query.position),
-                                                BINDING_PROMPT, demo_images=pixels,
-                                                demo_texts=[binding_text(d.word) for d in demos]))
-                    answers.append(query.word)
-                outputs = backbone.generate(prompts, max_new_tokens=3)
-                correct += sum(first_word(o) == a for o, a in zip(outputs, answers))
-            results.setdefault(mode, {})[k] = correct / episodes
-    return results
+
+    def draw(rng: random.Random, k: int):
+        ep = sample_episode(rng, pool, n_way)
+        demos = [ep.image(c, rng) for c in balanced_classes(rng, n_way, k)]
+        query = ep.image(rng.randrange(n_way), rng)
+        pixels = [bank.draw(rng, d.shape, d.color, d.position) for d in demos]
+        return (bank.draw(rng, query.shape, query.color, query.position), BINDING_PROMPT, pixels,
+                [binding_text(d.word) for d in demos], query.word)
+
+    return icl_probe(backbone, draw, shots=shots, modes=modes, episodes=episodes, tag=f"probe/{seed}",
+                     batch_size=batch_size)
 
 
-def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, mix: dict | None = None) -> dict:
-    """Train `backbone` in place; returns a report (loss curve ends, the binding probe) for its marker."""
+def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, mix: dict | None = None,
+                          after_vision: Callable[[Backbone], dict] | None = None) -> dict:
+    """Train `backbone` in place; returns a report (loss curve ends, the probes) for its marker.
+
+    `after_vision` runs between the vision stage and the language stage (the toy BLIP-2's Q-Former stage 1) and its
+    report joins this one."""
 
     vision, image_heads = (pretrain_vision_tower(backbone, cfg, progress) if getattr(cfg, "pretrain_vision_steps", 0)
                            else (None, None))
+    between = after_vision(backbone) if after_vision is not None else {}
     stream = ToyPretrainStream(backbone.image_transform, batch_size=cfg.pretrain_batch_size,
                                text_steps=cfg.pretrain_text_steps, image_size=cfg.image_size, seed=cfg.seed,
-                               mix=mix)
+                               mix=mix if mix is not None else _mix(cfg))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=lambda batch: batch)
     module = ToyPretrainModule(backbone, cfg.pretrain_lr, cfg.pretrain_steps, image_heads=image_heads,
                                grounding_weight=getattr(cfg, "pretrain_grounding_weight", 0.0),
@@ -267,22 +280,36 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, m
                         logger=False, enable_checkpointing=False, enable_progress_bar=progress,
                         gradient_clip_val=1.0,
                         limit_val_batches=0, callbacks=[_Record()], enable_model_summary=False)
-    log.info("pretraining the toy backbone for %d steps (%d of word lists first); cached after",
+    log.info("pretraining the toy backbone's language side for %d steps (%d of word lists first); cached after",
              cfg.pretrain_steps, cfg.pretrain_text_steps)
     trainer.fit(module, train_dataloaders=loader)
     backbone.freeze()
-    n_way = 2
     reading = probe_reading(backbone, image_size=cfg.image_size, seed=cfg.seed)
     log.info("toy backbone reads images (zero-shot toy VQA, chance ~17%%): %s",
              {k: f"{100 * v:.0f}%" for k, v in reading.items()})
-    probe = probe_binding(backbone, n_way=n_way, image_size=cfg.image_size, seed=cfg.seed)
-    chance = 1 / n_way
-    log.info("toy backbone binding probe on held-out words (chance %.0f%% from 1 shot): %s", 100 * chance,
-             {m: {k: f"{100 * v:.0f}%" for k, v in r.items()} for m, r in probe.items()})
-    if max(probe["images"].get(k, 0.0) for k in probe["images"]) <= chance + 0.1:
-        log.warning("the toy backbone does not do in-context binding above chance: raise "
-                    "backbone.toy.pretrain_steps (the table will show every method near chance)")
     tail = losses[-50:]
-    return {"vision_token_accuracy": vision, "reading_probe": reading,
-            "pretrain_loss": {"first": losses[0], "last": sum(tail) / len(tail), "steps": len(losses)},
-            "binding_probe": {m: {str(k): v for k, v in r.items()} for m, r in probe.items()}}
+    report = {**between, "vision_token_accuracy": vision, "reading_probe": reading,
+              "pretrain_loss": {"first": losses[0], "last": sum(tail) / len(tail), "steps": len(losses)}}
+    kinds = stream.mix if stream.mix else {}
+    if kinds.get("binding", 0) > 0:
+        report["binding_probe"] = _log_probe("binding probe on held-out words", probe_binding(
+            backbone, n_way=2, image_size=cfg.image_size, seed=cfg.seed))
+    if kinds.get("concept", 0) > 0:
+        report["concept_probe"] = _log_probe("concept probe on held-out rules", probe_concept(
+            backbone, image_size=cfg.image_size, seed=cfg.seed))
+    return report
+
+
+def _mix(cfg: Any) -> dict[str, float] | None:
+    mix = getattr(cfg, "pretrain_mix", None)
+    return None if mix is None else {str(k): float(v) for k, v in dict(mix).items()}
+
+
+def _log_probe(what: str, probe: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    chance = 0.5  # 2-way binding, yes/no concepts
+    log.info("toy backbone %s (chance %.0f%% from 1 shot): %s", what, 100 * chance,
+             {m: {k: f"{100 * v:.0f}%" for k, v in r.items()} for m, r in probe.items()})
+    if max(probe["images"].values(), default=0.0) <= chance + 0.1:
+        log.warning("the toy backbone's %s is not above chance: raise backbone.toy.pretrain_steps (the table will "
+                    "show every method near chance)", what)
+    return {m: {str(k): v for k, v in r.items()} for m, r in probe.items()}

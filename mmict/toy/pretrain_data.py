@@ -6,6 +6,8 @@ Three kinds of interleaved document, each a list of segments ready for `Backbone
   text predicts the next image's words, so the only way to lower the loss is to read the image.
 - **binding episodes** over the *pretrain* word pool (``binding.py``): k demos "<image> this is a
   dapo" and a query of a class that has a demo. This is where in-context binding is learnt.
+- **concept episodes** over the *pretrain* rules (``concept.py``): k demos "<image> does it fit ? yes|no" labelled
+  by a hidden rule ("is it red?") and a query; the toy BLIP-2 learns concept induction here (``concept`` in the mix).
 - **word lists**: a few nonsense words, then repeats of them ("kire dapo mune dapo kire ..."). Copying a
   two-piece word that appeared earlier (an induction head) is what binding needs; a tiny model learns it
   in a few hundred steps from word lists and in thousands from binding episodes alone (measured), so
@@ -25,6 +27,7 @@ from torch.utils.data import IterableDataset
 
 from mmict.segments import Image, Prompt, Text
 from mmict.toy.binding import episode_document
+from mmict.toy.concept import concept_document as concept_episode_images
 from mmict.toy.language import (
     COLORS,
     POSITIONS,
@@ -33,6 +36,8 @@ from mmict.toy.language import (
     answer_for,
     binding_text,
     caption,
+    concept_text,
+    rule_pools,
     vqa_demo_text,
     word_pools,
 )
@@ -41,6 +46,7 @@ from mmict.toy.world import draw_shape
 # Document mix after the word-list warm-up (fractions of a batch).
 MIX = {"captions": 0.25, "binding": 0.6, "word_lists": 0.15}
 MAX_SHOTS = 7  # binding episodes hold 1..7 demos and a query
+CONCEPT_MAX_SHOTS = 8  # concept episodes 1..8: the evaluation's largest k is seen in pretraining
 
 
 class ImageBank:
@@ -83,6 +89,11 @@ def binding_document(rng: random.Random, bank: ImageBank, pool: tuple[str, ...],
     return _document([(bank.draw(rng, p.shape, p.color, p.position), binding_text(p.word)) for p in pairs])
 
 
+def concept_document(rng: random.Random, bank: ImageBank, pool: tuple) -> Prompt:
+    images = concept_episode_images(rng, pool, rng.randint(1, CONCEPT_MAX_SHOTS))
+    return _document([(bank.draw(rng, c.shape, c.color, c.position), concept_text(c.label)) for c in images])
+
+
 def recall_document(rng: random.Random, pool: tuple[str, ...], n_way: int) -> Prompt:
     """A binding episode keyed by colour *words* instead of images: "red this is a dapo blue this is a kire
     red this is a" -> "dapo". It teaches the match-the-key-then-copy circuit on keys the model reads for
@@ -106,6 +117,7 @@ class ToyPretrainStream(IterableDataset):
         self.image_transform, self.image_size = image_transform, image_size
         self.batch_size, self.text_steps, self.n_way, self.seed = batch_size, text_steps, n_way, seed
         self.pool = word_pools()["pretrain"]
+        self.rules = rule_pools()["pretrain"]
         self.mix = dict(mix or MIX)
 
     def __iter__(self) -> Iterator[list[Prompt]]:
@@ -121,6 +133,8 @@ class ToyPretrainStream(IterableDataset):
                     batch.append(caption_document(rng, bank))
                 elif kind == "binding":
                     batch.append(binding_document(rng, bank, self.pool, self.n_way))
+                elif kind == "concept":
+                    batch.append(concept_document(rng, bank, self.rules))
                 elif kind == "recall":
                     batch.append(recall_document(rng, self.pool, self.n_way))
                 else:

@@ -3,15 +3,19 @@
 Every image shows one shape in one colour at one position on a plain light background. Every text is a
 caption ("a red circle on the left .") or a VQA string ("Question: what color is the shape ? Short
 answer: red"), so a word-level vocabulary (``toy_vocabulary()``) covers all of it and tiny models can
-learn it in minutes. Web documents are of two kinds:
+learn it in minutes. Web documents are of three kinds:
 
 - thematic documents (their images share a colour, a shape or a position, and most keep one text form),
   so earlier (image, text) pairs of a document say something about later ones;
 - concept-binding episodes (``binding.py``): nonsense words of the *tuning* pool bound to shapes or
-  colours, "this is a dapo", which only the demos' images can resolve.
+  colours, "this is a dapo", which only the demos' images can resolve;
+- concept-induction episodes (``concept.py``): images labelled by a hidden rule of the *tuning* rule pool,
+  "does it fit ? yes", which only the demos' images with their labels define.
 
-The downstream side has a toy VQA task (``vqa/``) and the binding task (``binding/``: episodes over the
-*eval* word pool; the train split is each episode's demo pool, the test split its queries).
+The downstream side has a toy VQA task (``vqa/``), the binding task (``binding/``: episodes over the
+*eval* word pool; the train split is each episode's demo pool, the test split its queries), the concept task
+(``concept/``: episodes over the *eval* rules, laid out as the binding task) and its tuning split
+(``concept_tuning/``: train and val episodes over the *tuning* rules, for training on a task's own split).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -31,12 +36,17 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mmict.toy.binding import episode_document, sample_episode
+from mmict.toy.concept import Rule, concept_document, rule_image
 from mmict.toy.language import (
     BACKGROUND_RGB,
     BINDING_PROMPT,
     BINDING_TASK,
     COLOR_RGB,
     COLORS,
+    CONCEPT_LABELS,
+    CONCEPT_PROMPT,
+    CONCEPT_TASK,
+    CONCEPT_TUNING_TASK,
     DEFAULT_ATTRIBUTES,
     POSITION_CENTERS,
     POSITIONS,
@@ -45,6 +55,9 @@ from mmict.toy.language import (
     answer_for,
     binding_text,
     caption,
+    concept_text,
+    rule_name,
+    rule_pools,
     vqa_demo_text,
     word_pools,
 )
@@ -52,13 +65,16 @@ from mmict.toy.language import (
 logger = logging.getLogger(__name__)
 
 # Bump when the generated data changes for the same arguments, so that old worlds get rewritten.
-RECIPE_VERSION = 3  # 2: binding episodes in the web corpus, the binding task; 3: per-episode RNGs
+# 2: binding episodes in the web corpus, the binding task; 3: per-episode RNGs; 4: concept episodes and tasks
+RECIPE_VERSION = 4
 
 _RADIUS = 0.2  # shape radius as a fraction of the image side
 _SUPERSAMPLE = 4  # draw large, then box-downsample: anti-aliased edges at 32 px
 WEB_DIR = "web"
 VQA_DIR = "vqa"
 BINDING_DIR = "binding"
+CONCEPT_DIR = "concept"
+CONCEPT_TUNING_DIR = "concept_tuning"
 MANIFEST = "manifest.json"
 
 
@@ -166,7 +182,17 @@ def make_binding_document(
     """A concept-binding episode as an interleaved document: k demos and a query, all "this is a <word>"."""
 
     pairs = episode_document(rng, word_pools()[pool], k=rng.randint(1, 7), n_way=n_way)
-    texts = [binding_text(p.word) for p in pairs]
+    return _episode_document(rng, doc_id, image_size, pairs, [binding_text(p.word) for p in pairs])
+
+
+def make_concept_document(rng: random.Random, doc_id: str, image_size: int = 32, pool: str = "tuning") -> dict:
+    """A concept-induction episode as an interleaved document: k demos and a query, "does it fit ? <label>"."""
+    pairs = concept_document(rng, rule_pools()[pool], k=rng.randint(1, 7))
+    return _episode_document(rng, doc_id, image_size, pairs, [concept_text(p.label) for p in pairs])
+
+
+def _episode_document(rng: random.Random, doc_id: str, image_size: int, pairs: list, texts: list[str]) -> dict:
+    """Images (anything with shape, color, position) and their texts as an MMC4 document, pair i at text i."""
     infos = []
     for i, p in enumerate(pairs):
         image = draw_shape(p.shape, p.color, p.position, size=image_size, rng=rng)
@@ -201,6 +227,45 @@ def binding_examples(seed: int, episode_index: int, split: str, *, pool_per_clas
     return [example("q", i, rng.randrange(n_way)) for i in range(queries)]
 
 
+def _concept_example(rng: random.Random, rule: Rule, *, task: str, key: str, episode: str, label: str,
+                     image_size: int) -> tuple[dict, bytes]:
+    pair = rule_image(rng, rule, label)
+    meta = {"id": key, "task": task, "episode": episode, "prompt": CONCEPT_PROMPT, "answers": [label],
+            "rule": rule_name(rule), "attribute": "+".join(a for a, _ in rule), "value": "+".join(v for _, v in rule)}
+    return meta, _jpeg_bytes(draw_shape(pair.shape, pair.color, pair.position, size=image_size, rng=rng))
+
+
+def concept_examples(seed: int, episode_index: int, split: str, *, pool_per_class: int, queries: int,
+                     image_size: int = 32) -> list[tuple[dict, bytes]]:
+    """One evaluation episode over the eval rules, laid out as `binding_examples`: its demo pool
+    (``split="train"``: ``pool_per_class`` images per label) or its queries (labels uniformly random).
+
+    The rule comes from an RNG of (seed, episode) alone, so both splits agree on it while each split draws, and
+    renders, only its own images."""
+    rule = random.Random(f"toy-world/{seed}/concept/{episode_index}").choice(rule_pools()["eval"])
+    rng = random.Random(f"toy-world/{seed}/concept/{episode_index}/{split}")
+    name = f"ep{episode_index:05d}"
+    if split == "train":
+        labels = [("d", label) for label in CONCEPT_LABELS for _ in range(pool_per_class)]
+    else:
+        labels = [("q", rng.choice(CONCEPT_LABELS)) for _ in range(queries)]
+    return [_concept_example(rng, rule, task=CONCEPT_TASK, key=f"{name}_{tag}{i:03d}", episode=name, label=label,
+                             image_size=image_size) for i, (tag, label) in enumerate(labels)]
+
+
+def concept_tuning_examples(seed: int, episode_index: int, split: str, *, per_class: int, image_size: int = 32
+                            ) -> list[tuple[dict, bytes]]:
+    """One training episode over the tuning rules (``split`` "train" or "val", each its own RNG stream):
+    ``per_class`` images per label, written contiguously so a stream can group them by episode."""
+    rng = random.Random(f"toy-world/{seed}/concept_tuning/{split}/{episode_index}")
+    rule = rng.choice(rule_pools()["tuning"])
+    name = f"ep{episode_index:05d}"
+    labels = [label for label in CONCEPT_LABELS for _ in range(per_class)]
+    rng.shuffle(labels)  # mixed within the episode, so any part of it has both labels
+    return [_concept_example(rng, rule, task=CONCEPT_TUNING_TASK, key=f"{name}_d{i:03d}", episode=name,
+                             label=label, image_size=image_size) for i, label in enumerate(labels)]
+
+
 def make_vqa_example(rng: random.Random, example_id: str, image_size: int = 32) -> tuple[dict, bytes]:
     """One downstream VQA example: its ``json`` and its ``jpg`` bytes."""
     attrs = _random_attributes(rng)
@@ -218,20 +283,33 @@ def make_vqa_example(rng: random.Random, example_id: str, image_size: int = 32) 
 
 def _recipe_hash(recipe: dict) -> str:
 
-    payload = json.dumps({"recipe_version": RECIPE_VERSION, "recipe": recipe,
-                          "binding_attributes": DEFAULT_ATTRIBUTES}, sort_keys=True)
+    payload = json.dumps({"recipe_version": RECIPE_VERSION, "recipe": recipe, "binding_attributes": DEFAULT_ATTRIBUTES,
+                          "word_pools": word_pools(), "concept_rules": rule_pools()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+SPLITS = {WEB_DIR: ("train", "val"), VQA_DIR: ("train", "test"), BINDING_DIR: ("train", "test"),
+          CONCEPT_DIR: ("train", "test"), CONCEPT_TUNING_DIR: ("train", "val")}
+EPISODIC_DIRS = (BINDING_DIR, CONCEPT_DIR, CONCEPT_TUNING_DIR)  # written episode by episode, one key prefix each
+
+
 def _split_dirs(root: Path) -> dict[str, tuple[Path, str]]:
-    return {
-        "web/train": (root / WEB_DIR, "train"),
-        "web/val": (root / WEB_DIR, "val"),
-        "vqa/train": (root / VQA_DIR, "train"),
-        "vqa/test": (root / VQA_DIR, "test"),
-        "binding/train": (root / BINDING_DIR, "train"),
-        "binding/test": (root / BINDING_DIR, "test"),
-    }
+    return {f"{folder}/{split}": (root / folder, split) for folder, splits in SPLITS.items() for split in splits}
+
+
+def _write_split(pattern: str, samples: Iterator[dict], samples_per_shard: int, episodic: bool,
+                 progress: tqdm) -> None:
+    """An episodic split starts a new shard rather than split an episode over two (unless one is bigger than a
+    shard), so a stream that groups a shard's consecutive examples by episode gets whole episodes."""
+    runs = itertools.groupby(samples, key=lambda s: s["__key__"].split("_")[0] if episodic else s["__key__"])
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
+        for _, run in runs:
+            episode = list(run)
+            if 0 < writer.count and writer.count + len(episode) > samples_per_shard:
+                writer.next_stream()
+            for sample in episode:
+                writer.write(sample)
+                progress.update(1)
 
 
 def _shards(root: Path, split: str) -> list[Path]:
@@ -261,10 +339,28 @@ def _binding_samples(split: str, recipe: dict) -> Iterator[dict]:
             yield {"__key__": meta["id"], "jpg": jpg, "json": json.dumps(meta).encode()}
 
 
+def _concept_samples(split: str, recipe: dict) -> Iterator[dict]:
+    folder, name = split.split("/")
+    if folder == CONCEPT_DIR:
+        episodes = (concept_examples(recipe["seed"], e, name, pool_per_class=recipe["concept_pool_per_class"],
+                                     queries=recipe["concept_queries_per_episode"], image_size=recipe["image_size"])
+                    for e in range(recipe["concept_episodes"]))
+    else:
+        count = recipe["concept_tuning_episodes" if name == "train" else "concept_tuning_val_episodes"]
+        episodes = (concept_tuning_examples(recipe["seed"], e, name, per_class=recipe["concept_tuning_per_class"],
+                                            image_size=recipe["image_size"]) for e in range(count))
+    for examples in episodes:
+        for meta, jpg in examples:
+            yield {"__key__": meta["id"], "jpg": jpg, "json": json.dumps(meta).encode()}
+
+
 def _samples(split: str, recipe: dict) -> Iterator[dict]:
     """The samples of one split, from an RNG seeded by (seed, split) so splits are independent."""
     if split.startswith("binding/"):
         yield from _binding_samples(split, recipe)
+        return
+    if split.startswith(("concept/", "concept_tuning/")):
+        yield from _concept_samples(split, recipe)
         return
     rng = random.Random(f"toy-world/{recipe['seed']}/{split}")
     size = recipe["image_size"]
@@ -273,8 +369,11 @@ def _samples(split: str, recipe: dict) -> Iterator[dict]:
     for i in range(count):
         key = f"{name}_{i:06d}"
         if kind == "web":
-            if rng.random() < recipe["binding_fraction"]:
+            draw = rng.random()  # binding first, then concept: fractions summing past 1 leave concept the rest
+            if draw < recipe["binding_fraction"]:
                 doc = make_binding_document(rng, key, size, recipe["n_way"])
+            elif draw < recipe["binding_fraction"] + recipe["concept_fraction"]:
+                doc = make_concept_document(rng, key, size)
             else:
                 doc = make_document(rng, key, size)
             yield {"__key__": key, "json": json.dumps(doc).encode()}
@@ -295,6 +394,13 @@ def write_toy_world(
     binding_pool_per_class: int = 8,
     binding_queries_per_episode: int = 3,
     n_way: int = 2,
+    concept_fraction: float = 0.25,
+    concept_episodes: int = 100,
+    concept_pool_per_class: int = 8,
+    concept_queries_per_episode: int = 3,
+    concept_tuning_episodes: int = 600,
+    concept_tuning_val_episodes: int = 50,
+    concept_tuning_per_class: int = 5,
     image_size: int = 32,
     samples_per_shard: int = 500,
     seed: int = 0,
@@ -303,10 +409,13 @@ def write_toy_world(
     """Write the toy world's shards under ``root`` (or reuse them when the recipe is unchanged).
 
     Layout: ``web/{train,val}-%06d.tar`` (interleaved documents, ``binding_fraction`` of them binding
-    episodes), ``vqa/{train,test}-%06d.tar`` and ``binding/{train,test}-%06d.tar`` (demo pools and
-    queries; a binding episode has ``binding_pool_per_class`` demos per class and
-    ``binding_queries_per_episode`` queries) and ``manifest.json`` (recipe, its hash, counts).
-    Returns the manifest.
+    episodes, ``concept_fraction`` concept episodes), ``vqa/{train,test}-%06d.tar``,
+    ``binding/{train,test}-%06d.tar`` (demo pools and queries; a binding episode has
+    ``binding_pool_per_class`` demos per class and ``binding_queries_per_episode`` queries),
+    ``concept/{train,test}-%06d.tar`` (the same for ``concept_episodes`` concept episodes, per label),
+    ``concept_tuning/{train,val}-%06d.tar`` (``concept_tuning_episodes`` and ``concept_tuning_val_episodes``
+    episodes of ``concept_tuning_per_class`` images per label, each episode's contiguous) and ``manifest.json``
+    (recipe, its hash, counts). Returns the manifest.
     """
     root = Path(root)
     recipe = {
@@ -319,6 +428,13 @@ def write_toy_world(
         "binding_pool_per_class": binding_pool_per_class,
         "binding_queries_per_episode": binding_queries_per_episode,
         "n_way": n_way,
+        "concept_fraction": concept_fraction,
+        "concept_episodes": concept_episodes,
+        "concept_pool_per_class": concept_pool_per_class,
+        "concept_queries_per_episode": concept_queries_per_episode,
+        "concept_tuning_episodes": concept_tuning_episodes,
+        "concept_tuning_val_episodes": concept_tuning_val_episodes,
+        "concept_tuning_per_class": concept_tuning_per_class,
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
         "seed": seed,
@@ -350,16 +466,17 @@ def write_toy_world(
         "vqa/test": vqa_test,
         "binding/train": binding_episodes * n_way * binding_pool_per_class,
         "binding/test": binding_episodes * binding_queries_per_episode,
+        "concept/train": concept_episodes * len(CONCEPT_LABELS) * concept_pool_per_class,
+        "concept/test": concept_episodes * concept_queries_per_episode,
+        "concept_tuning/train": concept_tuning_episodes * len(CONCEPT_LABELS) * concept_tuning_per_class,
+        "concept_tuning/val": concept_tuning_val_episodes * len(CONCEPT_LABELS) * concept_tuning_per_class,
     }
     with tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", unit="sample") as progress:
         for split, (folder, prefix) in splits.items():
             if counts[split] == 0:
                 continue
-            pattern = str(folder / f"{prefix}-%06d.tar")
-            with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as writer:
-                for sample in _samples(split, recipe):
-                    writer.write(sample)
-                    progress.update(1)
+            _write_split(str(folder / f"{prefix}-%06d.tar"), _samples(split, recipe), samples_per_shard,
+                         split.split("/")[0] in EPISODIC_DIRS, progress)
 
     manifest = {
         "recipe": recipe,

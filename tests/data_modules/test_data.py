@@ -162,7 +162,9 @@ def test_write_toy_world_reuses_and_rewrites(tmp_path: Path, caplog: pytest.LogC
     manifest = write_toy_world(tmp_path, **args)
     assert toy_world_exists(tmp_path)
     assert manifest["counts"] == {"web/train": 12, "web/val": 4, "vqa/train": 6, "vqa/test": 5,
-                                  "binding/train": 2 * 8 * 100, "binding/test": 3 * 100}
+                                  "binding/train": 2 * 8 * 100, "binding/test": 3 * 100,
+                                  "concept/train": 2 * 8 * 100, "concept/test": 3 * 100,
+                                  "concept_tuning/train": 2 * 5 * 600, "concept_tuning/val": 2 * 5 * 50}
     assert len(list((tmp_path / "web").glob("train-*.tar"))) == 3
     assert json.loads((tmp_path / "manifest.json").read_text())["hash"] == manifest["hash"]
     shards = [str(tmp_path / name) for name in manifest["shards"]["web/train"]]  # relative to root

@@ -36,11 +36,22 @@ def test_bad_companions_fail_before_training():
 
 def test_merge_keeps_both_zero_shots_apart_and_sorts_by_shots():
     ours = [row("zero-shot", 0), row("AIM (fused tokens)", 2)]
-    theirs = [row("zero-shot", 0), row("MMICT (M-Hub text features)", 2), row("MMICT (M-Hub text features)", 1)]
+    theirs = [{**row("zero-shot", 0), "accuracy_mean": 0.4}, row("MMICT (M-Hub text features)", 2),
+              row("MMICT (M-Hub text features)", 1)]
     merged = merge_rows(ours, "toy_mmict_binding", theirs)
     assert [(r["method"], r["shots"]) for r in merged] == [
         ("zero-shot", 0), ("zero-shot [toy_mmict_binding]", 0), ("MMICT (M-Hub text features)", 1),
         ("AIM (fused tokens)", 2), ("MMICT (M-Hub text features)", 2)]
+
+
+def test_merge_lists_a_baseline_both_runs_measured_identically_once():
+    ours = [row("zero-shot", 0), row("vanilla ICL (images+text)", 2)]
+    theirs = [row("zero-shot", 0), row("vanilla ICL (images+text)", 2), row("AIM (fused tokens)", 2)]
+    merged = merge_rows(ours, "toy_aim_concept_tuned", theirs)
+    assert [(r["method"], r["shots"]) for r in merged] == [
+        ("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2)]
+    differs = merge_rows(ours, "other", [{**row("zero-shot", 0), "accuracy_mean": 0.9}])
+    assert [r["method"] for r in differs] == ["zero-shot", "zero-shot [other]", "vanilla ICL (images+text)"]
 
 
 def test_the_wandb_group_ties_a_run_to_its_companions():

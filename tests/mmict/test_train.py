@@ -79,10 +79,12 @@ def test_companion_trains_on_the_same_backbone_and_joins_the_table(finished_run)
     joint = json.loads((Path(summary["run_dir"]) / "eval/methods.json").read_text())
     methods = {(r["method"], r["shots"]) for r in joint["summary"]}
     assert methods == {("zero-shot", 0), ("AIM (fused tokens)", 2), ("vanilla ICL (images+text)", 2),
-                       ("text-only demos", 2), ("MMICT (M-Hub text features; text-conditioned query features)", 2),
-                       ("zero-shot (no demos, M-Hub query; text-conditioned query features)", 0)}
+                       ("text-only demos", 2),
+                       ("MMICT (M-Hub text features; text-free query features; fresh M-Hub)", 2),
+                       ("zero-shot (no demos, M-Hub trained as MMICT; text-free query features; fresh M-Hub)", 0)}
     assert (Path(summary["run_dir"]) / "eval/methods_vs_shots.png").exists()
-    assert "MMICT (M-Hub text features; text-conditioned query features)" in summary["eval_report"]
+    # web-trained: the M-Hub read no query text in training, so none at evaluation either (issue 23 item 5)
+    assert "MMICT (M-Hub text features; text-free query features; fresh M-Hub)" in summary["eval_report"]
 
 
 def test_checkpoint_is_trainable_weights_and_config(finished_run):
@@ -116,7 +118,7 @@ def test_baselines_evaluate_without_a_checkpoint(finished_run, capsys):
     with pytest.raises(ConfigError, match="needs a trained projector"):
         main(["--exp", "toy_aim", "eval.demo_modes=[fused,images]", *base])
     with pytest.raises(ConfigError, match="M-Hub has no training-free baseline"):
-        main(["--exp", "toy_mmict", *base])
+        main(["--exp", "toy_mmict_vqa", *base])
     main(["--exp", "toy_aim", "--shots", "0,1", *base])  # eval.demo_modes null: the training-free ones
     assert "vanilla ICL" in capsys.readouterr().out
     runs = sorted(Path(cfg.run_root, cfg.name).glob("*/eval/results.json"))
@@ -129,7 +131,7 @@ def test_baselines_evaluate_without_a_checkpoint(finished_run, capsys):
 
 def test_mmict_trains_on_the_task_and_its_checkpoint_evaluates(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("e2e_mmict")
-    cfg = load_config("toy_mmict", [
+    cfg = load_config("toy_mmict_vqa", [
         f"run_root={root / 'runs'}", f"data.root={root / 'toy'}",
         f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null", "method.demo_design=concat",
         "data.toy.num_docs=8", "data.toy.val_docs=4", "data.toy.vqa_train=40", "data.toy.vqa_test=12",
@@ -143,8 +145,8 @@ def test_mmict_trains_on_the_task_and_its_checkpoint_evaluates(tmp_path_factory,
     assert summary["val_loss"]["after"] < summary["val_loss"]["before"]  # validated on data.val_split=test
     results = json.loads((run / "eval/results.json").read_text())
     assert {(r["method"], r["shots"]) for r in results["summary"]} == {
-        ("zero-shot (no demos, M-Hub query; text-free query features)", 0),
-        ("vanilla ICT (visual features + demo text; text-free query features)", 2)}  # the reference's vanilla ICT
+        ("zero-shot (no demos, M-Hub trained as vanilla ICT; text-free query features; fresh M-Hub)", 0),
+        ("vanilla ICT (visual features + demo text; text-free query features; fresh M-Hub)", 2)}  # reference's ICT
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all(k.startswith("hub.") for k in ckpt["state_dict"])  # no frozen weights
     rows = evaluate_checkpoint(run / "checkpoints/last.ckpt", ["eval.shots=[2]"])

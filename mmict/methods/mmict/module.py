@@ -54,7 +54,11 @@ class MMICTModule(FrozenBackboneModule):
                                             pad_token_id=self.hub_tokenizer.pad_token_id)
         log.info("%s", self.hub_init.summary())
         report_size(self.hub, self.hub_init, self.backbone)  # its parameter count; a warning if it outweighs the LLM
-        self.query_text = resolve_query_text(m.query_text, self.design)  # the query's features read its prompt
+        # The query's features read its prompt, the same at training and evaluation (web episodes have none).
+        self.query_text = resolve_query_text(m.query_text, self.design, prompted=self.cfg.data.task is not None)
+        if self.cfg.data.task is None and resolve_query_text(m.query_text, self.design):
+            log.info("MMICT trains on web documents, whose queries have no prompt: the query's M-Hub features are "
+                     "text-free at training and evaluation (method.mmict.query_text)")
         self.max_text_tokens = self.hub.qformer.config.max_position_embeddings
         self.eoc_id = self.backbone.add_special_token(EOC)
         # Trainable: a saved copy of the token's row (the frozen table itself never trains).
@@ -67,9 +71,18 @@ class MMICTModule(FrozenBackboneModule):
 
     @property
     def mode_labels(self) -> dict[str, str]:  # type: ignore[override]
-        """Report names of the demo modes, each saying which query features this run's model reads."""
-        query = f"text-{'conditioned' if self.query_text else 'free'} query features"
-        return {mode: f"{name} ({what}{'; ' if what else ''}{query})" for mode, (name, what) in _MODE_NAMES.items()}
+        """Report names of the demo modes, each saying which query features this run's model reads and, for a fresh
+        M-Hub, that it did not start from a BLIP-2 Q-Former (a table may hold both). A run trained without demos
+        (`none`) is vanilla fine-tuning, not zero-shot, and is named so."""
+        setting = f"text-{'conditioned' if self.query_text else 'free'} query features"
+        if self.hub_init.source == "fresh":
+            setting += "; fresh M-Hub"
+        names = dict(_MODE_NAMES)
+        if self.design == "none":
+            names["none"] = ("vanilla fine-tune", "no demos, M-Hub query")
+        else:  # the 0-shot row of a model trained with demos: which one (a joint table holds several)
+            names["none"] = ("zero-shot", f"no demos, M-Hub trained as {_MODE_NAMES[self.design][0]}")
+        return {mode: f"{name} ({what}{'; ' if what else ''}{setting})" for mode, (name, what) in names.items()}
 
     # Every MMICT prompt holds M-Hub features (the query's, at least): measured as evaluation runs them.
     preflight_modes: tuple[str, ...] = ()

@@ -55,7 +55,21 @@ def resolve_text_init(text_init: str | None, hub_tokenizer: str | None) -> str:
     return text_init
 
 
-def resolve_query_text(query_text: bool | None, design: str) -> bool:
+def resolve_query_text(query_text: bool | None, design: str, prompted: bool = True) -> bool:
+    """Whether the query's M-Hub features read the query prompt, at training and evaluation alike.
+
+    `prompted=False`: training episodes come from the web corpus (`data.task` null), whose queries have no prompt
+    (the whole text is the target), so the M-Hub would read no text in training and the task's prompt ("this is a")
+    only at evaluation, a mismatch that decides what the trained features mean. The per-design default then becomes
+    text-free at both; asking for text-conditioned queries explicitly is an error."""
+    if not prompted:
+        if query_text:
+            raise ValueError(
+                "method.mmict.query_text=true, but training episodes come from the web corpus (data.task is null), "
+                "whose queries have no prompt: the M-Hub would read no text in training and the task's prompt at "
+                "evaluation. Fix: method.mmict.query_text=null (text-free at both), or train on a task "
+                "(data.task=<task>) whose episodes carry its prompt")
+        return False
     return QUERY_TEXT_BY_DESIGN[design] if query_text is None else bool(query_text)
 
 

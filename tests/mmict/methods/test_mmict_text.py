@@ -179,6 +179,20 @@ def test_concat_query_features_ignore_the_prompt_and_fused_ones_read_it(dirs, wi
                        query_features(fused, b, "fused", with_target)[0])
 
 
+def test_web_trained_queries_read_no_text_at_training_or_evaluation(dirs):
+    """Web episodes have no query prompt: an M-Hub that read "" in training must not read the task's prompt at
+    evaluation (issue 23 item 5). Text-free under every design, and asking for text is refused."""
+    a, b = ("what color is the shape ?", "what color"), ("which shape is on the left ?", "a big square")
+    for design in DEMO_DESIGNS:
+        module = make_module(dirs["blip2"], design=design, task=None)
+        assert module.query_text is False
+        for with_target in (True, False):  # training's prompts and evaluation's give the same features
+            assert torch.equal(query_features(module, a, design, with_target)[0],
+                               query_features(module, b, design, with_target)[0])
+    with pytest.raises(ValueError, match="web corpus"):
+        make_module(dirs["blip2"], design="fused", task=None, query_text=True)
+
+
 def test_query_text_is_the_trained_models_under_every_eval_mode(dirs):
     module = make_module(dirs["blip2"], design="concat")
     a, b = ("what color is the shape ?", "what color"), ("which shape is on the left ?", "a big square")
@@ -189,13 +203,18 @@ def test_query_text_is_the_trained_models_under_every_eval_mode(dirs):
 def test_mode_labels_say_which_query_features_ran(dirs):
     concat = make_module(dirs["blip2"], design="concat")
     assert concat.mode_labels["concat"] == "vanilla ICT (visual features + demo text; text-free query features)"
-    assert concat.mode_labels["none"] == "zero-shot (no demos, M-Hub query; text-free query features)"
+    assert concat.mode_labels["none"] == "zero-shot (no demos, M-Hub trained as vanilla ICT; text-free query features)"
     on = make_module(dirs["blip2"], design="concat", query_text=True).mode_labels
     assert on["concat"] == "vanilla ICT (visual features + demo text; text-conditioned query features)"
     fused = make_module(dirs["blip2"]).mode_labels
     assert fused["fused"] == "MMICT (M-Hub text features; text-conditioned query features)"
     assert fused["text"] == "text-only demos (text-conditioned query features)"
     assert set(fused) == set(DEMO_DESIGNS)
+    # A run trained without demos is vanilla fine-tuning; a fresh M-Hub says so (a table may hold both starts).
+    assert make_module(dirs["blip2"], design="none").mode_labels["none"] == \
+        "vanilla fine-tune (no demos, M-Hub query; text-free query features)"
+    fresh = make_module(dirs["blip2"], init_from_backbone=False).mode_labels["fused"]
+    assert fresh == "MMICT (M-Hub text features; text-conditioned query features; fresh M-Hub)"
 
 
 def test_checkpoint_records_query_text_and_old_ones_warn(dirs, caplog):

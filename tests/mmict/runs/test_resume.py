@@ -31,7 +31,7 @@ class _Crash(L.Callback):
 def _config(root: Path, backbone: Path, *extra: str):
     # MMICT: the M-Hub's Q-Former trains with dropout, so the RNG states must come back too; 2 workers, so
     # the stream resumes mid-epoch with the workers' turns shifted.
-    return load_config("toy_mmict", [
+    return load_config("toy_mmict_vqa", [
         f"run_root={root / 'runs'}", f"data.root={root.parent / 'toy'}", f"backbone.name_or_path={backbone}",
         "backbone.toy=null", "data.toy.num_docs=8", "data.toy.val_docs=4", "data.toy.vqa_train=40",
         "data.toy.vqa_test=8", "data.toy.image_size=16", "data.toy.binding_episodes=2", "data.batch_size=4",
@@ -57,7 +57,7 @@ def test_interrupted_run_continues_with_the_same_losses(tmp_path, tiny_backbone_
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(_config(tmp_path / "b", tiny_backbone_dir))
     monkeypatch.undo()
-    [crashed] = list((tmp_path / "b" / "runs" / "toy_mmict").iterdir())
+    [crashed] = list((tmp_path / "b" / "runs" / "toy_mmict_vqa").iterdir())
     assert not (crashed / FINISHED).exists()
 
     resumed = train(_config(tmp_path / "b", tiny_backbone_dir))  # the same command again

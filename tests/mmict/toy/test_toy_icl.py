@@ -12,13 +12,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
+from helpers import evaluate_trained
 
-from data_modules.downstream import DownstreamDataModule
 from mmict.backbones import load_backbone
 from mmict.config import load_config
-from mmict.eval.loop import evaluate
-from mmict.methods import METHODS
 from mmict.toy.backbone import ensure_toy_backbone
 from mmict.toy.pretrain import probe_binding
 from mmict.train import train
@@ -61,14 +58,8 @@ def test_aim_projector_beats_text_only_demos(pretrained, tmp_path):
     ])
     summary = train(cfg)
     assert summary["val_loss"]["after"] < summary["val_loss"]["before"]
-    module = METHODS["aim"](cfg)
-    state = torch.load(f"{summary['run_dir']}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-    dm = DownstreamDataModule(cfg.data.root, folder="binding", task="toy_binding",
-                              image_transform=module.backbone.image_transform, num_queries=120)
-    dm.setup("test")
-    results = evaluate(module, dm.queries, dm.pool, shots=[2], seeds=[0], demo_modes=["fused", "text"],
-                       task="toy_binding", max_new_tokens=3, progress=False)
+    results = evaluate_trained(cfg, summary, folder="binding", task="toy_binding", shots=[2],
+                               demo_modes=["fused", "text"], max_new_tokens=3)
     acc = {r.method: r.accuracy for r in results}
     # Text-only demos carry no image, so at best they pick a demo word at random (0.5).
     assert acc["fused"] >= max(acc["text"], 0.5) + 0.2, acc
