@@ -353,7 +353,8 @@ def _cell(value: float | None) -> str:
 def markdown_table(rows: Sequence[dict], chance: float | None = None, metric: str = "accuracy") -> str:
     """The results table: the headline metric (x100, ± the protocol's spread over seeds), any further corpus metrics
     (captions: BLEU-4, METEOR, ROUGE-L), context tokens; an over-context row says so instead of a score."""
-    lines = [] if chance is None else [f"Chance (1 / the episode's classes: a random demo's answer): {100 * chance:.1f}%", ""]
+    lines = [] if chance is None else [
+        f"Chance (1 / the episode's classes: a random demo's answer): {100 * chance:.1f}%", ""]
     extra = list(dict.fromkeys(name for r in rows for name in r.get("metrics", {}) if name.lower() != metric.lower()))
     lines += [f"| method | shots | {metric} (x100) | " + "".join(f"{name} (x100) | " for name in extra)
               + "context tokens / query | seeds x queries |",
