@@ -99,7 +99,7 @@ def test_vision_stage_teaches_every_patch_token_the_image_and_is_frozen_after(tm
     from mmict.toy.backbone import build_toy_llava, toy_language
     from mmict.toy.pretrain import pretrain_vision_tower
 
-    cfg = SimpleNamespace(**TINY_TOY, pretrain_vision_steps=150, pretrain_steps=10, pretrain_text_steps=0,
+    cfg = SimpleNamespace(**TINY_TOY, pretrain_vision_steps=300, pretrain_steps=10, pretrain_text_steps=0,
                           pretrain_batch_size=4, pretrain_lr=1e-3)
     model, tok, proc = build_toy_llava(cfg, *toy_language())
     random_tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
