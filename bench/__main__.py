@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import MODULES, REGISTRY, Context, Result
-from mmict.runs.folders import unique_path
+from mmict.bookkeeping.folders import unique_path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

@@ -45,7 +45,7 @@ def machine_info() -> dict[str, Any]:
 def versions() -> dict[str, str]:
     import safetensors
 
-    from mmict.runs.record import versions as mmict_versions
+    from mmict.bookkeeping.record import versions as mmict_versions
 
     return {**mmict_versions(), "safetensors": safetensors.__version__}
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "pretrain-toy":
             pretrain_toy_main(rest)
         elif command == "sweep":
-            from mmict.runs.slurm import main as sweep_main
+            from mmict.bookkeeping.slurm import main as sweep_main
 
             return sweep_main(rest)
         elif command == "doctor":
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return doctor_main(rest)
         elif command == "compare":
-            from mmict.runs.compare import main as compare_main
+            from mmict.bookkeeping.compare import main as compare_main
 
             return compare_main(rest)
         else:

@@ -37,10 +37,10 @@ from mmict.methods import METHODS
 from mmict.methods.aim.shots import report as write_trained_shots
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
 from mmict.preflight import PreflightError, preflight, require
-from mmict.runs.folders import make_run_dir
-from mmict.runs.record import versions
-from mmict.runs.resume import FINISHED, find_resume
-from mmict.runs.slurm import default_run_dir, slurm_job_tag
+from mmict.bookkeeping.folders import make_run_dir
+from mmict.bookkeeping.record import versions
+from mmict.bookkeeping.resume import FINISHED, find_resume
+from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.toy.prepare import prepare as prepare_toy
 from mmict.training.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 

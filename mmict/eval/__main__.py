@@ -43,7 +43,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
 
 def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
     """Training-free baselines (demo modes none / images / text) of an experiment, no checkpoint."""
-    from mmict.runs.folders import make_run_dir
+    from mmict.bookkeeping.folders import make_run_dir
 
     cfg = load_config(experiment, overrides)
     if cfg.method.name == "mmict":

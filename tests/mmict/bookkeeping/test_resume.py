@@ -11,7 +11,7 @@ import torch
 import mmict.train as train_module
 from mmict.config import ConfigError, load_config, save_config
 from mmict.plots import read_metric
-from mmict.runs.resume import FINISHED, find_resume, loadable_checkpoint
+from mmict.bookkeeping.resume import FINISHED, find_resume, loadable_checkpoint
 from mmict.train import train, wandb_id
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ from helpers import REPO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mmict.config import ConfigError, load_config
-from mmict.runs.folders import make_run_dir
-from mmict.runs.slurm import (
+from mmict.bookkeeping.folders import make_run_dir
+from mmict.bookkeeping.slurm import (
     default_run_dir,
     format_value,
     main,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mmict.config import load_config, save_config
 from mmict.dependency_lock import lock_path, sha256
-from mmict.runs.compare import compare, find_runs, load_run, main, render
+from mmict.bookkeeping.compare import compare, find_runs, load_run, main, render
 from mmict.train import train_shots, wandb_settings
 
 
