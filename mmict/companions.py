@@ -25,11 +25,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmict.bookkeeping.folders import unique_path, write_text_unique
+from mmict.bookkeeping.slurm import format_value
 from mmict.config import ConfigError, load_config
 from mmict.eval.runner import EvalOutcome, log_to_wandb, report_markdown
 from mmict.plots import plot_score_vs_shots
-from mmict.bookkeeping.folders import unique_path, write_text_unique
-from mmict.bookkeeping.slurm import format_value
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,10 @@ from data_modules.shots import ShotPolicy
 from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.web_corpus import WebCorpusDataModule
+from mmict.bookkeeping.folders import make_run_dir
+from mmict.bookkeeping.record import versions
+from mmict.bookkeeping.resume import FINISHED, find_resume
+from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.companions import companion_configs, run_companions, wandb_group
 from mmict.config import ConfigError, load_config, save_config
 from mmict.eval.runner import run_eval
@@ -37,10 +41,6 @@ from mmict.methods import METHODS
 from mmict.methods.aim.shots import report as write_trained_shots
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
 from mmict.preflight import PreflightError, preflight, require
-from mmict.bookkeeping.folders import make_run_dir
-from mmict.bookkeeping.record import versions
-from mmict.bookkeeping.resume import FINISHED, find_resume
-from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.toy.prepare import prepare as prepare_toy
 from mmict.training.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 

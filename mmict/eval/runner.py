@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.downstream import DownstreamDataModule, Example, ShardExamples
+from mmict.bookkeeping.folders import unique_path, write_text_unique
+from mmict.bookkeeping.record import versions
 from mmict.eval.loop import (
     SeedPlan,
     as_dicts,
@@ -28,8 +30,6 @@ from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import Task, get_task
 from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown, trained_shots_line, trained_shots_of
 from mmict.plots import plot_cost_vs_shots, plot_score_vs_shots
-from mmict.bookkeeping.folders import unique_path, write_text_unique
-from mmict.bookkeeping.record import versions
 
 log = logging.getLogger(__name__)
 

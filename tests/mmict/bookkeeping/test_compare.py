@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mmict.bookkeeping.compare import compare, find_runs, load_run, main, render
 from mmict.config import load_config, save_config
 from mmict.dependency_lock import lock_path, sha256
-from mmict.bookkeeping.compare import compare, find_runs, load_run, main, render
 from mmict.train import train_shots, wandb_settings
 
 

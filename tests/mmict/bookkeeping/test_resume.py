@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import mmict.train as train_module
+from mmict.bookkeeping.resume import FINISHED, find_resume, loadable_checkpoint
 from mmict.config import ConfigError, load_config, save_config
 from mmict.plots import read_metric
-from mmict.bookkeeping.resume import FINISHED, find_resume, loadable_checkpoint
 from mmict.train import train, wandb_id
 
 pytestmark = pytest.mark.slow

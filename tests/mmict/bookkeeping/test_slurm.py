@@ -13,7 +13,6 @@ import pytest
 from helpers import REPO
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from mmict.config import ConfigError, load_config
 from mmict.bookkeeping.folders import make_run_dir
 from mmict.bookkeeping.slurm import (
     default_run_dir,
@@ -25,6 +24,7 @@ from mmict.bookkeeping.slurm import (
     slurm_job_tag,
     write_sweep,
 )
+from mmict.config import ConfigError, load_config
 
 NOW = datetime(2025, 1, 2, 3, 4, 5)
 GRID = ["data.shots=[4,8,16]", "seed=[1,2,3]"]
