@@ -96,14 +96,10 @@ def family_of(cfg: Any) -> str:
 
 
 def _plain(value: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, OmegaConf
+    """A recipe field as plain JSON (a config mapping such as `pretrain_mix` becomes a dict)."""
+    from omegaconf import DictConfig, OmegaConf
 
-        if isinstance(value, DictConfig):
-            return OmegaConf.to_container(value)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
 
 
 def ensure_toy_backbone(path: str | Path, cfg: Any, force: bool = False) -> Path:

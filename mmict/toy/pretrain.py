@@ -290,7 +290,7 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, m
     tail = losses[-50:]
     report = {**between, "vision_token_accuracy": vision, "reading_probe": reading,
               "pretrain_loss": {"first": losses[0], "last": sum(tail) / len(tail), "steps": len(losses)}}
-    kinds = stream.mix if stream.mix else {}
+    kinds = stream.mix  # probe what the mix taught
     if kinds.get("binding", 0) > 0:
         report["binding_probe"] = _log_probe("binding probe on held-out words", probe_binding(
             backbone, n_way=2, image_size=cfg.image_size, seed=cfg.seed))
