@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from data_modules.skips import is_cut
 from mmict.batch import EpisodeBatch
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class SkippedSamplesReport(L.Callback):
         skipped = batch.skipped if isinstance(batch, EpisodeBatch) else None
         if skipped:
             self.counts.update({f"{stage}/{k}": v for k, v in skipped.items()})
-            pl_module.log("data/skipped_total", float(sum(self.counts.values())), reduce_fx="max")
+            pl_module.log("data/skipped_total", float(self._total(cut=False)), reduce_fx="max")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._add(trainer, pl_module, batch, "train")
@@ -38,10 +39,15 @@ class SkippedSamplesReport(L.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._add(trainer, pl_module, batch, "val")
 
+    def _total(self, cut: bool) -> int:
+        """Skipped samples (cut=False) or texts cut to the token budget, kept (cut=True; `skips.record_cut`)."""
+        return sum(n for reason, n in self.counts.items() if is_cut(reason) == cut)
+
     def summary(self) -> str:
         if not self.counts:
             return "data: no samples skipped"
-        lines = [f"data: {sum(self.counts.values())} samples skipped"]
+        cut = self._total(cut=True)
+        lines = [f"data: {self._total(cut=False)} samples skipped" + (f"; {cut} texts cut (kept)" if cut else "")]
         lines += [f"  {n:6d}  {reason}" for reason, n in self.counts.most_common()]
         return "\n".join(lines)
 

@@ -12,6 +12,9 @@ encoded image stays in the shard and is read (one seek) whenever ``image_bytes``
 asked for, so a pool of 10^5 videos costs its metadata, not its frames. Building the index decodes every image once,
 so a corrupt sample is known from then on: skipped and counted (`skips`) every time the split is opened, at the
 same positions as a full read (`load_examples`, which keeps the bytes in memory: small sets, converters, tests).
+What the pool and the queries lost is kept for the caller to report (`pool_loss`, `query_loss`, `query_loss_at`:
+`skips.SplitLoss`): skipped samples by reason, shards that broke off or are empty, and samples missing against the
+size the split was written with.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from array import array
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ import webdataset as wds
 
 from .episodes import ImageTransform, decode_image
 from .shard_index import ShardFile, index_shards
-from .skips import record_skip, skip_handler
+from .skips import SplitLoss, broken_shards, record_skip, recorded_size, skip_handler
 from .streaming import find_shards, missing_shards_error
 
 logger = logging.getLogger(__name__)
@@ -255,9 +259,12 @@ class IndexedSplit:
     def __init__(self, urls: list[str], cache_dir: str | Path | None = None) -> None:
         self.samples: list[tuple | str] = []
         self.errors: list[str] = []  # tar errors (each lost the rest of its shard)
+        self.shards: list[tuple[str, int, int, list[str]]] = []  # (name, first position, end position, tar errors)
         for index in index_shards(urls, _index_record, recipe=RECIPE, cache_dir=cache_dir):
+            start = len(self.samples)
             self.samples += [s[1] if len(s) == 2 else (s[1], index.shard, s[2]) for s in index.samples]
             self.errors += index.errors
+            self.shards.append((Path(index.shard.path).name, start, len(self.samples), list(index.errors)))
         self.kept = array("q", (p for p, s in enumerate(self.samples) if not isinstance(s, str)))
 
     def __len__(self) -> int:
@@ -273,6 +280,22 @@ class IndexedSplit:
         for reason in reasons:
             record_skip(reason)
         return len(reasons)
+
+    def loss(self, kept: int, positions: Collection[int] | None = None, read_to: int | None = None,
+             recorded: tuple[int, list[str]] | None = None) -> SplitLoss:
+        """What reading these positions (None: all) lost: their skipped samples by reason, the shards that broke off
+        or held nothing among those starting before position ``read_to`` (None: every shard) and, when the whole
+        split was read (``read_to`` None), the samples missing against its ``recorded`` size and shard names."""
+        chosen = range(len(self.samples)) if positions is None else positions
+        reasons = Counter(r for r in (self.samples[p] for p in chosen) if isinstance(r, str))
+        shards = broken_shards([sh for sh in self.shards if read_to is None or sh[1] < read_to])
+        if read_to is None and recorded is not None:
+            found = {name for name, *_ in self.shards}
+            shards.update({name: "is missing" for name in recorded[1] if name not in found})
+            if recorded[0] > len(self.samples):
+                reasons["lost with broken or missing shards" if shards else "missing (fewer samples than recorded)"] \
+                    = recorded[0] - len(self.samples)
+        return SplitLoss(kept, dict(reasons), shards, None if recorded is None else recorded[0])
 
     def example(self, position: int, image_transform: ImageTransform) -> Example | None:
         """The example at a sample position (None: the sample is skipped), its images left in the shard."""
@@ -394,6 +417,10 @@ class DownstreamDataModule(L.LightningDataModule):
         self.pool: Sequence[Example] = []
         self.pool_by_id: Mapping[str, Example] = {}
         self.queries: list[Example] = []
+        # What the pool and the queries read in `setup` lost (`skips.SplitLoss`); queries drawn by position:
+        # `query_loss_at`.
+        self.pool_loss: SplitLoss | None = None
+        self.query_loss: SplitLoss | None = None
         self._splits: dict[str, IndexedSplit] = {}
 
     def shards(self, split: str) -> list[str]:
@@ -414,10 +441,11 @@ class DownstreamDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         pool = self.indexed(self.pool_split)
-        skipped = pool.count_skips()  # the corrupt samples, counted as a full read counts them
-        if skipped:
-            logger.warning("%s %s split: %d corrupt or unusable samples skipped (see the skip report)",
-                           self.task, self.pool_split, skipped)
+        pool.count_skips()  # the corrupt samples, counted as a full read counts them
+        self.pool_loss = pool.loss(len(pool.kept), recorded=self._recorded(self.pool_split))
+        if self.pool_loss:
+            logger.warning("%s %s split (the demo pool): %s", self.task, self.pool_split,
+                           self.pool_loss.describe("corrupt or unusable samples skipped"))
         self.pool = pool.examples(self.image_transform)
         self.pool_by_id = self.pool.by_id()
         if len(self.pool_by_id) != len(self.pool):
@@ -432,6 +460,11 @@ class DownstreamDataModule(L.LightningDataModule):
             every = self.num_queries is None or len(kept) < self.num_queries
             queries.count_skips(None if every else range(kept[-1] + 1))
             self.queries = list(ShardExamples(queries, kept, self.image_transform))
+            self.query_loss = queries.loss(len(kept), None if every else range(kept[-1] + 1),
+                                           None if every else kept[-1] + 1, self._recorded(self.query_split))
+            if self.query_loss:
+                logger.warning("%s %s split (the queries): %s", self.task, self.query_split,
+                               self.query_loss.describe("corrupt or unusable samples skipped"))
 
     def count_queries(self) -> int:
         """Samples in the query split (corrupt ones included: positions are stable)."""
@@ -440,3 +473,14 @@ class DownstreamDataModule(L.LightningDataModule):
     def queries_at(self, positions: Collection[int]) -> dict[int, Example]:
         """The query split's examples at these positions (those that decode), by position."""
         return self.indexed(self.query_split).at(positions, self.image_transform)
+
+    def query_loss_at(self, positions: Collection[int]) -> SplitLoss:
+        """What queries drawn at these positions lost: theirs skipped by reason, and what the whole split lost to
+        broken or missing shards (the draw could not reach it)."""
+        split = self.indexed(self.query_split)
+        wanted = set(positions)
+        kept = sum(1 for p in wanted if not isinstance(split.samples[p], str))
+        return split.loss(kept, wanted, recorded=self._recorded(self.query_split))
+
+    def _recorded(self, split: str) -> tuple[int, list[str]] | None:
+        return recorded_size(self.root, self.folder, split)

@@ -127,6 +127,11 @@ def _members(path: str, errors: list[str]) -> Iterator[dict]:
                     stream.members = []
                 except Exception as exn:  # noqa: BLE001 - counted, as webdataset's handler does
                     errors.append(f"tar: {type(exn).__name__}")
+            # tarfile ends quietly where a header is missing or cut short: only the end-of-archive marker (a zero
+            # block) tells a whole shard from one truncated at a member boundary
+            f.seek(stream.offset)
+            if not errors and f.read(BLOCK).count(0) != BLOCK:
+                errors.append("tar: no end-of-archive marker")
     except Exception as exn:  # noqa: BLE001 - a truncated or unreadable shard: the rest of it is lost
         errors.append(f"tar: {type(exn).__name__}")
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .episodes import ImageTransform, collate_episodes
 from .shots import ShotPolicy
-from .skips import skip_handler
+from .skips import record_skip
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,49 @@ def _count_shards(urls: Iterable[dict], watchdog: _Watchdog) -> Iterator[dict]:
                 "are the shards readable tar files?"
             )
         yield url
+
+
+def _tar_samples(urls: Iterable[dict]) -> Iterator[dict]:
+    """The samples of each shard in turn (webdataset's tar reading), and what a tar read error loses, counted.
+
+    A read error (a truncated or corrupt shard) ends the shard's reading: the document being read when it came is
+    incomplete, so it is dropped and counted, one skip per document ("tar: ReadError in train-000003.tar: ...");
+    the documents after it in that shard are lost too, and how many is not known (a tar has no table of contents),
+    which the reason says rather than count them. A shard that yields nothing at all is counted once, as such.
+    """
+    for url in urls:
+        errors: list[Exception] = []
+
+        def handler(exn: Exception, errors: list[Exception] = errors) -> bool:
+            errors.append(exn)
+            return True  # go on with the next shard (or member)
+
+        name = Path(str(url["url"])).name
+        seen, read = 0, 0  # errors accounted for; documents yielded from this shard
+        for sample in wds.tarfile_to_samples(handler=handler)(iter([url])):
+            if len(errors) > seen:
+                # An error came while this document's members were being read (webdataset yields a document once
+                # the next one starts, or the shard ends): it is cut short.
+                seen = len(errors)
+                record_skip(f"tar: {type(errors[-1]).__name__} in {name}: the document it cut short is dropped; the "
+                            "documents after it in the shard are lost too (how many is not known)")
+                logger.warning("shard %s broke off after %d documents (%s): the document being read is dropped and "
+                               "the rest of the shard is lost", url["url"], read, _first_line(errors[-1]))
+                continue
+            read += 1
+            yield sample
+        if len(errors) > seen:  # the shard did not open, or broke off between documents
+            record_skip(f"tar: {type(errors[-1]).__name__} in {name}: "
+                        + ("the shard does not read; its documents are lost (how many is not known)" if read == 0
+                           else "the documents after the error in the shard are lost (how many is not known)"))
+            logger.warning("shard %s: %s", url["url"], f"{_first_line(errors[-1])}: it does not read" if read == 0
+                           else f"{_first_line(errors[-1])} after {read} documents; the rest of it is lost")
+
+
+def _first_line(err: Exception) -> str:
+    # webdataset appends the stream and url to the exception's args: the message is the first
+    text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _passes(urls: list[str], seed: str | None, repeat_warning: str | None = None) -> Iterator[dict]:
@@ -248,8 +291,7 @@ class ShardStream(IterableDataset):
             urls = _passes(order[slot::slots], seed=f"{self.seed}/{self.epoch}/{slot}")
         else:  # every slot reads the same sequence, so every_nth gives disjoint shares of it
             urls = _passes(order, seed=f"{self.seed}/{self.epoch}")
-        samples: Iterable = self._stream_items(
-            wds.tarfile_to_samples(handler=skip_handler("tar"))(_count_shards(urls, watchdog)))
+        samples: Iterable = self._stream_items(_tar_samples(_count_shards(urls, watchdog)))
         if not by_shard:
             samples = _every_nth(samples, slot, slots)
         stream_seed = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
@@ -291,7 +333,7 @@ class ShardStream(IterableDataset):
         watchdog = _Watchdog()
         if self.world_size == 1:  # every shard once, in order; the loader caps the episodes
             urls = iter({"url": u} for u in self.urls[worker::num_workers])
-            samples = wds.tarfile_to_samples(handler=skip_handler("tar"))(_count_shards(urls, watchdog))
+            samples = _tar_samples(_count_shards(urls, watchdog))
             episodes: Iterable[dict] = self._episode_stage(samples, plan, None, watchdog)
         else:
             share = self._val_share(worker, num_workers)
@@ -300,7 +342,7 @@ class ShardStream(IterableDataset):
             urls = _passes(self.urls[worker::num_workers], seed=None, repeat_warning=(
                 f"validation rank {self.rank}: the val shards hold fewer than the {share} episodes this worker "
                 "must give (data.val_episodes split over ranks); repeating them"))
-            samples = wds.tarfile_to_samples(handler=skip_handler("tar"))(_count_shards(urls, watchdog))
+            samples = _tar_samples(_count_shards(urls, watchdog))
             episodes = itertools.islice(self._episode_stage(_every_nth(samples, self.rank, self.world_size), plan,
                                                             None, watchdog), share)
         return _batched(episodes, self.batch_size, partial=True)

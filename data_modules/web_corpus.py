@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .streaming_module import StreamingDataModule
+from .text_budget import TextBudget
 from .web_documents import EpisodeStream
 
 
@@ -19,18 +20,21 @@ class WebCorpusDataModule(StreamingDataModule):
 
     Everything but the corpus is `StreamingDataModule`'s (epoch size, shot policy, exact resume, the
     ``state_dict`` saved with the checkpoint). ``min_similarity`` and ``min_image_size`` filter the images
-    of each document (`web_documents.document_pairs`).
+    of each document (`web_documents.document_pairs`); every text an episode takes is cut to ``max_text_tokens``
+    tokens of ``tokenizer`` (the backbone's; None: to 8 characters per token), and each cut counted
+    (`text_budget.TextBudget`).
     """
 
     stream_class = EpisodeStream
 
     def __init__(self, root: str | Path, *, corpus: str = "web", min_similarity: float | None = None,
-                 min_image_size: int = 0, **kwargs: Any) -> None:
+                 min_image_size: int = 0, max_text_tokens: int = 512, tokenizer: Any = None, **kwargs: Any) -> None:
         """`kwargs`: `StreamingDataModule`'s (image_transform, batch_size, num_workers, shots, epoch_size, ...)."""
         super().__init__(root, **kwargs)
         self.corpus = corpus
         self.min_similarity = min_similarity
         self.min_image_size = min_image_size
+        self.text_budget = TextBudget(max_text_tokens, tokenizer)  # refuses a budget below 1 here, not in a worker
 
     @property
     def folder(self) -> str:
@@ -44,7 +48,8 @@ class WebCorpusDataModule(StreamingDataModule):
                 f"--out {self.root / self.folder}/train-%06d.tar   (or: obelics)")
 
     def _stream_extra(self) -> dict[str, Any]:
-        return {"min_similarity": self.min_similarity, "min_image_size": self.min_image_size}
+        return {"min_similarity": self.min_similarity, "min_image_size": self.min_image_size,
+                "text_budget": self.text_budget}
 
 
 __all__ = ["WebCorpusDataModule"]

@@ -5,8 +5,10 @@ demonstrations, the last is the query (empty prompt, its text is the target). Sh
 tars under ``root/<corpus>/{train,val}-*.tar``, one document per sample: a ``json`` member with
 ``text_list`` and ``image_info`` (images as ``image_base64`` or as separate tar members named by
 ``image_name``). Corrupt documents are skipped and counted (see ``skips.py``); images can be filtered by
-image-text similarity and by size. `EpisodeStream` is the streaming engine (`streaming.ShardStream`) with
-this parsing as its episode stage; `web_corpus.WebCorpusDataModule` serves it to Lightning.
+image-text similarity and by size; the texts an episode takes are cut to a token budget (``text_budget.py``:
+``data.max_text_tokens``, counted), so no document, however long, can stall a step. `EpisodeStream` is the
+streaming engine (`streaming.ShardStream`) with this parsing as its episode stage; `web_corpus.WebCorpusDataModule`
+serves it to Lightning.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 from .episodes import ImageTransform, decode_image
 from .skips import record_skip
 from .streaming import ShardStream, ShotPlan, _Watchdog, source_of
+from .text_budget import TextBudget
 
 Pair = tuple[Image.Image, str]
 
@@ -123,9 +126,11 @@ def _cut_episodes(
     watchdog: _Watchdog,
     min_similarity: float | None = None,
     min_image_size: int = 0,
+    text_budget: TextBudget | None = None,
 ) -> Iterator[dict]:
     """Decode documents and cut one episode from each: k from ``plan``, at a random window (``rng``, training)
-    or at a window drawn from (seed, document key) (validation: identical on every pass and worker split)."""
+    or at a window drawn from (seed, document key) (validation: identical on every pass and worker split). The
+    window's texts are cut to ``text_budget`` (None: kept whole)."""
     drops = 0
     made = 0
     for sample in samples:
@@ -147,7 +152,10 @@ def _cut_episodes(
         k = min(k, len(pairs) - 1)
         pick = rng if rng is not None else random.Random(f"{seed}/{sample.get('__key__')}")
         start = pick.randint(0, len(pairs) - k - 1)
-        yield make_episode(pairs[start : start + k + 1], image_transform, source=source_of(sample))
+        window = pairs[start : start + k + 1]
+        if text_budget is not None:  # only the texts the episode takes: a cut elsewhere in the document costs nothing
+            window = [(image, text_budget(text)) for image, text in window]
+        yield make_episode(window, image_transform, source=source_of(sample))
         made += 1
 
 
@@ -157,19 +165,21 @@ def _cut_episodes(
 
 class EpisodeStream(ShardStream):
     """`ShardStream` (disjoint shards per rank and worker, equal batch counts, exact resume) cutting one episode
-    from each web document; ``min_similarity`` and ``min_image_size`` filter the images (`document_pairs`)."""
+    from each web document; ``min_similarity`` and ``min_image_size`` filter the images (`document_pairs`),
+    ``text_budget`` cuts the texts (`text_budget.TextBudget`; None: kept whole)."""
 
     def __init__(self, urls: list[str], *, min_similarity: float | None = None, min_image_size: int = 0,
-                 **kwargs: Any) -> None:
+                 text_budget: TextBudget | None = None, **kwargs: Any) -> None:
         super().__init__(urls, **kwargs)
         self.min_similarity = min_similarity
         self.min_image_size = min_image_size
+        self.text_budget = text_budget
 
     def _episode_stage(self, samples: Iterable[dict], plan: ShotPlan, rng: random.Random | None,
                        watchdog: _Watchdog) -> Iterator[dict]:
         return _cut_episodes(samples, image_transform=self.image_transform, plan=plan, rng=rng, seed=self.seed,
                              watchdog=watchdog, min_similarity=self.min_similarity,
-                             min_image_size=self.min_image_size)
+                             min_image_size=self.min_image_size, text_budget=self.text_budget)
 
 
 __all__ = ["MAX_CONSECUTIVE_DROPS", "EpisodeStream", "Pair", "document_pairs", "make_episode"]

@@ -25,7 +25,10 @@ Nothing is used without being checked, nothing is wrong without a warning that n
   do not match their checksum are reported and their demos recomputed and rewritten;
 - a demo whose text or image changed since it was stored (same id, other content) is stale: recomputed;
 - files are written to a temporary name and renamed, and the index is merged under a file lock, so a crash
-  never leaves a half-written file and concurrent evaluations can share one bank.
+  never leaves a half-written file and concurrent evaluations can share one bank;
+- files no index entry names (a deleted index, an interrupted write) are removed, with a warning, when a key
+  folder is opened; a folder that cannot be written (found then, or when a write fails) is named in a warning and
+  demos are kept in memory for the run only (``stats["cache"]``: "read-only: not cached"): `mmict.bank_files`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmict.bank_files import clean_orphans, unwritable, warn_not_cached
 from mmict.config.schema import BANK_STORES
 from mmict.segments import Pixels
 
@@ -210,7 +214,9 @@ class DemoBank:
         self._shards: dict[str, Any] = {}  # shard file name -> safe_open handle
         self._mem: dict[str, tuple[str, torch.Tensor]] = {}  # id -> (content hash, verified tensor)
         self._seen: dict[str, tuple[str, Any, str]] = {}  # id -> (text, image object or source, content hash)
-        self.stats = {"hits": 0, "loaded": 0, "computed": 0, "stale": 0, "corrupt": 0}
+        self.stats: dict[str, Any] = {"hits": 0, "loaded": 0, "computed": 0, "stale": 0, "corrupt": 0,
+                                      "cache": "on disk"}
+        self.read_only: str | None = None  # why the current folder cannot be written (None: it can)
 
     # ---- key and folder ------------------------------------------------------------------------------
     @property
@@ -231,7 +237,19 @@ class DemoBank:
             log.info("demo bank: key changed (%s), switching to %s", _changed(self._key or {}, key), folder)
         self._dir, self._key = folder, key
         self._shards, self._mem = {}, {}
+        self.read_only = None
+        if (why := unwritable(folder)) is not None:
+            self._not_cached(folder, why)
         self._entries = self._read_index(folder, key)
+        # every write holds the lock: under it, a shard the index does not name is not one being written
+        with contextlib.nullcontext() if self.read_only else self._lock(folder):
+            entries = self._entries if self.read_only else self._read_index_quiet(folder / INDEX)
+            clean_orphans(folder, {e.get("shard") for e in entries.values()}, removable=not self.read_only)
+
+    def _not_cached(self, folder: Path, why: str) -> None:
+        """From now on demos are computed and held in memory only: `folder` cannot be written."""
+        self.read_only, self.stats["cache"] = why, "read-only: not cached"
+        warn_not_cached(folder, why)
 
     def _read_index(self, folder: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
         path = folder / INDEX
@@ -256,7 +274,9 @@ class DemoBank:
         return entries
 
     def _wipe(self, folder: Path) -> None:
-        """Remove the bank files of one key folder (only ours: the index and its shards)."""
+        """Remove the bank files of one key folder (only ours: the index and its shards); none in a read-only one."""
+        if self.read_only:
+            return
         with self._lock(folder):
             for p in [folder / INDEX, *folder.glob("shard-*.safetensors")]:
                 with contextlib.suppress(FileNotFoundError):
@@ -412,33 +432,48 @@ class DemoBank:
             self._write(pending)
 
     def _write(self, items: dict[str, tuple[str, torch.Tensor]]) -> None:
-        """One new shard with `items`, then the index merged under the folder's lock (atomic renames)."""
+        """One new shard with `items`, then the index merged, all under the folder's lock (atomic renames). A write
+        that fails (a folder gone read-only, a full disk) leaves nothing behind and turns caching off."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         assert self._dir is not None and self._key is not None and self._entries is not None
+        if self.read_only:
+            return  # held in memory only (`_fill` keeps every computed demo in `_mem`)
         folder = self._dir
-        folder.mkdir(parents=True, exist_ok=True)
         shard = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.safetensors"
         tensors = {f"t{n}": t for n, (_, t) in enumerate(items.values())}
         new = {demo_id: {"shard": shard, "tensor": f"t{n}", "content": content, "checksum": tensor_checksum(t),
                          "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                for n, (demo_id, (content, t)) in enumerate(items.items())}
-        tmp = folder / f".{shard}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"key_hash": key_hash(self._key)})
-        os.replace(tmp, folder / shard)
-        with self._lock(folder):
-            on_disk = self._read_index_quiet(folder / INDEX)
-            merged = {**on_disk, **new}
-            index = {"format": FORMAT_VERSION, "key": self._key, "key_hash": key_hash(self._key), "entries": merged}
-            tmp_index = folder / f".{INDEX}.tmp{os.getpid()}"
-            tmp_index.write_text(json.dumps(index))
-            os.replace(tmp_index, folder / INDEX)
-            # shards every entry of which was superseded are deleted (a reader holding one keeps its mapping)
-            referenced = {e["shard"] for e in merged.values()}
-            for old in {e.get("shard") for e in on_disk.values()} - referenced:
-                with contextlib.suppress(FileNotFoundError, TypeError):
-                    (folder / old).unlink()
+        tmp, tmp_index = folder / f".{shard}.tmp{os.getpid()}", folder / f".{INDEX}.tmp{os.getpid()}"
+        try:
+            # locked from the shard's first byte to the index merge: a shard no index names is never one being
+            # written (`_ensure_open` removes those as orphans under the same lock)
+            with self._lock(folder):
+                save_file(tensors, str(tmp), metadata={"key_hash": key_hash(self._key)})
+                os.replace(tmp, folder / shard)
+                self._merge_index(folder, tmp_index, new)
+        except (OSError, SafetensorError) as e:
+            for path in (tmp, tmp_index, folder / shard):  # the index does not name the shard: it would be orphaned
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            self._not_cached(folder, f"writing {shard} failed: {e}")
+            return
         self._entries.update(new)
+
+    def _merge_index(self, folder: Path, tmp_index: Path, new: dict[str, dict[str, Any]]) -> None:
+        on_disk = self._read_index_quiet(folder / INDEX)
+        merged = {**on_disk, **new}
+        index = {"format": FORMAT_VERSION, "key": self._key, "key_hash": key_hash(self._key), "entries": merged}
+        tmp_index.write_text(json.dumps(index))
+        os.replace(tmp_index, folder / INDEX)
+        # shards every entry of which was superseded are deleted (a reader holding one keeps its mapping); one that
+        # will not go is an orphan for the next open to report, never a failed write
+        referenced = {e["shard"] for e in merged.values()}
+        for old in {e.get("shard") for e in on_disk.values()} - referenced:
+            with contextlib.suppress(OSError, TypeError):
+                (folder / old).unlink()
 
     def _read_index_quiet(self, path: Path) -> dict[str, dict[str, Any]]:
         """The entries on disk right now when they are for this key (another process may have added some)."""

@@ -111,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command == "train":
-            from callbacks.nan_guard import NonFiniteLossError
+            from callbacks.nan_guard import TrainingStoppedError
             from mmict.train import main as train_main
 
             try:
                 train_main(rest)
-            except NonFiniteLossError as err:  # the run stopped itself; the message says where and what to do
+            except TrainingStoppedError as err:  # a guard stopped the run; the message says where and what to do
                 print(f"error: {err}", file=sys.stderr)
                 return 1
         elif command == "eval":

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # What a companion takes from the run it joins (dotted config keys).
 SHARED_KEYS = ("backbone.family", "backbone.name_or_path", "backbone.dtype", "data.root", "run_root", "seed",
                "eval.task", "eval.shots", "eval.seeds", "eval.num_queries", "eval.selection", "eval.batch_size",
-               "eval.max_new_tokens", "logger.wandb", "logger.offline", "logger.project", "logger.group")
+               "eval.max_new_tokens", "eval.extra_tasks", "logger.wandb", "logger.offline", "logger.project",
+               "logger.group")
 
 
 def companion_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -86,15 +87,19 @@ def _numbers(row: dict) -> str:
                       default=str)
 
 
-def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: EvalOutcome, eval_dir: Path,
+def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcomes: dict[str, EvalOutcome], eval_dir: Path,
                    train_fn: Callable[[DictConfig], dict[str, Any]],
-                   wandb_group: str | None = None) -> tuple[EvalOutcome, dict[str, str]]:
-    """Train and evaluate each companion with `train_fn`, merge its rows into this run's, and write the
-    joint table (methods.md, methods.json) and plot (methods_vs_shots.png) next to this run's own report.
+                   wandb_group: str | None = None) -> tuple[dict[str, EvalOutcome], dict[str, str]]:
+    """Train and evaluate each companion with `train_fn`, merge its rows into this run's task by task (`outcomes`:
+    eval.task's first, then each of eval.extra_tasks), and write the joint table (methods.md: one section per task;
+    methods.json: eval.task's at the top, the further tasks under "extra_tasks") and one plot per task
+    (methods_vs_shots.png; methods_vs_shots_<task>.png) next to this run's own report.
 
     `wandb_group`: this run logs to W&B (its own W&B run has ended by now). Each companion then logs to a W&B run
     of its own in that group (`train_fn` ends it), and the joint table goes to the group's "methods" run."""
-    rows, runs = list(outcome.rows), {}
+    main = cfg.eval.task
+    rows = {task: list(outcome.rows) for task, outcome in outcomes.items()}
+    runs: dict[str, str] = {}
     for companion in configs:
         name = companion.name
         log.info("companion experiment %s: training and evaluating it on this run's backbone and data", name)
@@ -104,24 +109,33 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcome: Eval
         runs[name] = summary["run_dir"]
         if not summary.get("eval"):
             log.warning("companion %s was not evaluated (eval.enabled=false in it?): it adds no rows", name)
-        rows = merge_rows(rows, name, summary.get("eval") or [])
-    report = report_markdown(rows, outcome.chance, outcome.metric, outcome.how)
-    payload = {"task": cfg.eval.task, "metric": outcome.metric, "chance": outcome.chance, "summary": rows,
-               "companion_runs": runs, "wandb_group": wandb_group}
+        theirs = {main: summary.get("eval") or [], **(summary.get("eval_tasks") or {})}
+        rows = {task: merge_rows(mine, name, theirs.get(task) or []) for task, mine in rows.items()}
+    merged = {task: o._replace(rows=rows[task], report=report_markdown(rows[task], o.chance, o.metric, o.how))
+              for task, o in outcomes.items()}
+    payload: dict[str, Any] = {"task": main, "metric": merged[main].metric, "chance": merged[main].chance,
+                               "summary": rows[main], "companion_runs": runs, "wandb_group": wandb_group,
+                               "extra_tasks": {task: {"metric": o.metric, "chance": o.chance, "summary": o.rows}
+                                               for task, o in merged.items() if task != main}}
     json_path = unique_path(eval_dir / "methods.json")
     json_path.write_text(json.dumps(payload, indent=2))
-    md_path = write_text_unique(eval_dir / "methods.md", f"# {cfg.name} and its companions: {cfg.eval.task}\n\n"
-                                f"{report}\n")
-    png_path = plot_score_vs_shots(rows, unique_path(eval_dir / "methods_vs_shots.png"), metric=outcome.metric,
-                                   chance=outcome.chance, title=f"{cfg.name} + {', '.join(runs)}: {cfg.eval.task}")
-    log.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    sections = [f"## {task}\n\n{o.report}\n" for task, o in merged.items()] if len(merged) > 1 else \
+        [f"{merged[main].report}\n"]
+    md_path = write_text_unique(eval_dir / "methods.md", f"# {cfg.name} and its companions: {', '.join(merged)}\n\n"
+                                + "\n".join(sections))
+    plots = {}
+    for task, o in merged.items():
+        stem = "methods_vs_shots" if task == main else f"methods_vs_shots_{task}"
+        plots[task] = plot_score_vs_shots(o.rows, unique_path(eval_dir / f"{stem}.png"), metric=o.metric,
+                                          chance=o.chance, title=f"{cfg.name} + {', '.join(runs)}: {task}")
+    log.info("wrote %s, %s, %s", json_path, md_path, ", ".join(map(str, plots.values())))
     if wandb_group is not None:
-        log_joint_table(cfg, wandb_group, eval_dir, rows, png_path, payload)
-    return EvalOutcome(rows, report, outcome.chance, outcome.metric, outcome.how), runs
+        log_joint_table(cfg, wandb_group, eval_dir, merged, plots, payload)
+    return merged, runs
 
 
-def log_joint_table(cfg: DictConfig, group: str, eval_dir: Path, rows: list[dict], png_path: Path,
-                    payload: dict[str, Any]) -> None:
+def log_joint_table(cfg: DictConfig, group: str, eval_dir: Path, outcomes: dict[str, EvalOutcome],
+                    plots: dict[str, Path], payload: dict[str, Any]) -> None:
     """The joint table and plot as a W&B run of their own in `group`: "<name>/<time>/methods", job type "methods",
     in this run's folder (its `wandb/`, beside this run's own W&B run); its id comes from the folder, as a run's does,
     so a run evaluated again continues it."""
@@ -137,7 +151,9 @@ def log_joint_table(cfg: DictConfig, group: str, eval_dir: Path, rows: list[dict
         config={k: v for k, v in payload.items() if k != "summary"} | {"run": cfg.name, "run_dir": str(run_dir)},
     )
     try:
-        log_to_wandb(run, rows, {"methods_vs_shots": png_path}, prefix="methods")
+        for task, outcome in outcomes.items():  # eval.task's under "methods", a further task's under "methods_<task>"
+            prefix = "methods" if task == cfg.eval.task else f"methods_{task}"
+            log_to_wandb(run, outcome.rows, {"methods_vs_shots": plots[task]}, prefix=prefix)
         log.info("the joint table is W&B run %s (%s) of group %s", run.id, run.name, group)
     finally:
         run.finish()

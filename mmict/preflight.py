@@ -171,7 +171,11 @@ def preflight(cfg: DictConfig, training_shards: Any = None) -> list[Check]:
             checks.append(Check("training shards", False, lines[0], " ".join(lines[1:]).strip()))
     checks += accelerator(cfg) + resources(cfg)
     if cfg.eval.enabled:
-        checks += eval_shards(cfg) + nltk_data(cfg) + rices_model(cfg)
+        from mmict.config.extra_tasks import task_configs
+
+        for task_cfg in [cfg, *task_configs(cfg)]:  # eval.task and each of eval.extra_tasks
+            checks += [c for c in eval_shards(task_cfg) + nltk_data(task_cfg) + rices_model(task_cfg)
+                       if c.item not in {d.item for d in checks}]
     return checks
 
 

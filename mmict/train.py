@@ -20,21 +20,27 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import DemoSampler, RNGState, RunRecord, SkippedSamplesReport
+from callbacks import DemoSampler, RNGState, RunRecord, SignalCheckpoint, SkippedSamplesReport
+from callbacks.divergence_guard import DivergenceGuard
 from callbacks.nan_guard import NonFiniteLossGuard
+from callbacks.signals import StoppedBySignal, exit_code
 from data_modules.augment import transform_size
 from data_modules.shots import ShotPolicy
 from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.web_corpus import WebCorpusDataModule
 from mmict.bookkeeping.folders import make_run_dir
+from mmict.bookkeeping.lock import RunLockedError
+from mmict.bookkeeping.lock import acquire as lock_run_dir
 from mmict.bookkeeping.record import versions
-from mmict.bookkeeping.resume import FINISHED, find_resume
+from mmict.bookkeeping.resume import FINISHED, find_resume, missed_validation, redo_validation
 from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.companions import companion_configs, run_companions, wandb_group
 from mmict.config import ConfigError, load_config, save_config
+from mmict.config.extra_tasks import task_configs
 from mmict.eval.runner import run_eval
 from mmict.eval.tasks import get_task
 from mmict.methods import METHODS
@@ -51,16 +57,18 @@ log = logging.getLogger("mmict")
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
-def build_datamodule(cfg: DictConfig, image_transform: Any) -> StreamingDataModule:
+def build_datamodule(cfg: DictConfig, image_transform: Any, tokenizer: Any = None) -> StreamingDataModule:
     """Training episodes: cut from the web corpus (`data.task` null, AIM), or from a downstream task's train
-    split (`data.task`, MMICT)."""
+    split (`data.task`, MMICT). `tokenizer` (the backbone's) counts the web texts' tokens for `data.max_text_tokens`
+    (None: the texts are cut by characters only)."""
     d = cfg.data
     common = dict(image_transform=image_transform, batch_size=d.batch_size, num_workers=d.num_workers,
                   shot_policy=shot_policy(cfg), epoch_size=d.epoch_size, shuffle_buffer=d.shuffle_buffer,
                   seed=cfg.seed, val_episodes=d.val_episodes)
     if d.task is None:
         return WebCorpusDataModule(d.root, corpus=d.corpus, min_similarity=d.min_similarity,
-                                   min_image_size=d.min_image_size, **common)
+                                   min_image_size=d.min_image_size, max_text_tokens=d.max_text_tokens,
+                                   tokenizer=tokenizer, **common)
     augment_size = transform_size(image_transform) if d.augment == "mmict_reference" and image_transform else None
     return TaskEpisodeDataModule(d.root, task=get_task(d.task, d.prompt_format), val_split=d.val_split,
                                  augment_size=augment_size, **common)
@@ -171,6 +179,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path,
         "auto", "float32", detect_hardware(tr.accelerator)).precision
     callbacks: list[L.Callback] = [
         NonFiniteLossGuard(),  # NaN/inf loss: stop before the optimizer step; the last checkpoint stays good
+        # the loss far above its start, or the weights blown up, with no NaN (callbacks/divergence_guard.py)
+        *([DivergenceGuard(**tr.divergence_guard)] if tr.divergence_guard is not None else []),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=tr.checkpoint_every_n_steps, save_top_k=-1, save_last=True),
         LearningRateMonitor(logging_interval="step"),
@@ -178,6 +188,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path,
         DemoSampler(shot_policy(cfg)),
         RNGState(),  # resumed runs draw the same dropout masks as the uninterrupted run would have
         RunRecord(str(run_dir), wandb_id(run_dir)),
+        # SIGTERM / SIGINT: checkpoints/last.ckpt and exit status 143 / 130, not a quiet 0 (callbacks/signals.py)
+        SignalCheckpoint(run_dir / "checkpoints", resume_hint="Run the same command again to continue the run "
+                         f"(resume=auto), or pass resume={run_dir}"),
     ]
     if tr.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
@@ -217,11 +230,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("check %s", check.line())
     require(checks)
     companions = companion_configs(cfg)  # bad names fail here, not after training
+    extra_tasks = task_configs(cfg) if cfg.eval.enabled else []  # likewise further tasks' overrides
     module = METHODS[cfg.method.name](cfg)
     pinned = default_run_dir(cfg)
     resume = find_resume(cfg, pinned)
     if resume is not None:
         run_dir = resume.run_dir
+        run_lock = lock_run_dir(run_dir)  # before anything is touched there: a second command refuses (lock.py)
         if resume.trained:
             log.warning("run %s trained to its last step (%s) but its evaluation did not finish: evaluating it now, "
                         "not training it again (resume=never starts a new run instead)", run_dir,
@@ -234,12 +249,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("the interrupted run's metrics stay in %s", kept)
     else:
         run_dir = make_run_dir(cfg.run_root, cfg.name, pinned)
+        run_lock = lock_run_dir(run_dir)
         save_config(cfg, run_dir / "config.yaml")
     write_runtime(run_dir, precision)
     log.info("run folder: %s", run_dir)
 
-    datamodule = build_datamodule(cfg, module.backbone.image_transform)
+    datamodule = build_datamodule(cfg, module.backbone.image_transform, module.backbone.tokenizer)
     trainer, skipped = build_trainer(cfg, run_dir, module=module)
+    tr = cfg.trainer
     # Validation before any step is the reference the trained parts are judged against (a resumed run has it).
     has_val = datamodule.has_val()
     before_file = run_dir / "val_before.json"
@@ -248,18 +265,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
         before_file.write_text(json.dumps(before))
+    missed = missed_validation(resume, tr.val_check_interval) if resume is not None and any(before) else None
+    if missed is not None:  # Lightning would go on as if the validation the interruption cut short had run
+        log.warning("the interrupted run's validation at step %d never finished: running it now", missed)
+        redo_validation(trainer, module, datamodule, resume, missed)
     if resume is not None and resume.trained:  # evaluate the trained weights as they are (Lightning's fit would
         # restore them too, but also the loops, only to stop at once)
         state = torch.load(resume.checkpoint, map_location="cpu", weights_only=False)
         module.load_state_dict(state["state_dict"])
         module.on_load_checkpoint(state)
     else:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)
+        except SIGTERMException as stop:  # a SystemExit without a code, i.e. status 0: say it was stopped instead
+            raise StoppedBySignal(exit_code() - 128) from stop
     if trainer.is_global_zero and getattr(module, "trained_shots", None) is not None:
         write_trained_shots(module.trained_shots(), run_dir, [])  # AIM: demos per training episode, in the run folder
     # fit validates every `val_check_interval` steps; when that includes the last step, its result is
     # the "after" number and validating again would only repeat the work.
-    tr = cfg.trainer
     if not has_val or not any(before):  # no val split, or one too small for a single episode (warned)
         after = []
     elif tr.max_steps % tr.val_check_interval == 0 and "val/loss" in trainer.callback_metrics:
@@ -285,19 +308,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     run_dir / "checkpoints" / "last.ckpt")
     elif cfg.eval.enabled:
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        outcome = run_eval(module, cfg, run_dir / "eval", checkpoint=str(run_dir / "checkpoints" / "last.ckpt"),
-                           wandb_run=wandb_run)
+        checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+        outcomes = {cfg.eval.task: run_eval(module, cfg, run_dir / "eval", checkpoint=checkpoint, wandb_run=wandb_run)}
+        for task_cfg in extra_tasks:  # the same weights on each further task, reported under eval/<task>/
+            task = task_cfg.eval.task
+            outcomes[task] = run_eval(module, task_cfg, run_dir / "eval" / task, checkpoint=checkpoint,
+                                      wandb_run=wandb_run, wandb_prefix=f"eval_{task}")
         # This run's W&B run ends before any companion starts: each companion is a W&B run of its own, in this run's
         # group, and the joint table goes to one more run of the group (mmict/companions.py).
         finish_wandb(trainer.loggers)
         if companions:
-            outcome, summary["companions"] = run_companions(
-                cfg, companions, outcome, run_dir / "eval", train,
+            outcomes, summary["companions"] = run_companions(
+                cfg, companions, outcomes, run_dir / "eval", train,
                 wandb_group=wandb_group(cfg, run_dir) if wandb_run is not None else None)
+        outcome = outcomes[cfg.eval.task]
         summary["eval"], summary["eval_report"] = outcome.rows, outcome.report
+        # what each task's evaluation lost (skipped queries and pool examples by reason; empty when nothing was)
+        summary["eval_skipped"] = {task: o.skipped for task, o in outcomes.items()}
+        if extra_tasks:
+            summary["eval_tasks"] = {task: o.rows for task, o in outcomes.items() if task != cfg.eval.task}
+            summary["eval_task_reports"] = {task: o.report for task, o in outcomes.items() if task != cfg.eval.task}
     finish_wandb(trainer.loggers)
     # The mark of a finished run: `resume=auto` never continues it.
     (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
+    run_lock.release()
     print_summary(summary)
     return summary
 
@@ -320,6 +354,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         files = "methods.{json,md}, methods_vs_shots.png" if summary.get("companions") else \
             "results.{json,md}, score_vs_shots.png"
         print(f"\n{summary['eval_report']}\n\nreport: {run_dir / 'eval'}/{files}")
+    for task, report in (summary.get("eval_task_reports") or {}).items():
+        where = run_dir / "eval" / ("methods.md" if summary.get("companions") else f"{task}/results.md")
+        print(f"\n--- {task} ---\n{report}\n\nreport: {where}")
     print(f"checkpoints: {run_dir / 'checkpoints'}   logs: {run_dir / 'logs' / 'metrics.csv'} (+ wandb/ when enabled)")
 
 
@@ -335,6 +372,11 @@ def main(argv: list[str] | None = None) -> None:
     except PreflightError as err:  # a message with the fixes, not a traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunLockedError as err:  # the same run is live in another process: its PID, and what to do
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(75)  # EX_TEMPFAIL: try again once that run has ended
+    except SIGTERMException:  # stopped outside fit (a validation): Lightning's stop would exit 0
+        sys.exit(exit_code())
 
 
 if __name__ == "__main__":

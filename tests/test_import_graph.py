@@ -41,6 +41,7 @@ LAYERS: dict[str, str] = {
     "mmict.methods": "methods",
     "mmict.prompts": "methods",
     "mmict.bank": "methods",
+    "mmict.bank_files": "methods",  # the bank folder's files (mmict.bank imports it)
     "mmict.eval": "eval",
     "mmict.eval.__main__": "app",  # the `mmict eval` command: builds methods, prepares the toy world
     "mmict.config": "config",

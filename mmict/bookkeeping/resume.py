@@ -7,25 +7,38 @@ weights, optimizer, scheduler and loop counters; the data module its stream posi
 callback the random generators, so the losses are the ones the uninterrupted run would have had.
 `resume=never` always starts a new run; `resume=<checkpoint or run folder>` continues that one. A run whose
 training reached `trainer.max_steps` but whose evaluation did not finish is evaluated from its last checkpoint.
+
+The checkpoint continued is the one of the highest training step that loads (the step read from the file name or
+the checkpoint, never the file date, which `cp -r` renews); one that does not load (a kill during a save truncates
+it) is moved aside as `<name>.corrupt`, with a warning. A run folder that a live process holds (`run.lock`,
+`lock.py`) is never continued: the command refuses, naming that process. A validation the interruption cut short is
+run again before training continues (`missed_validation`), so the curve has no hole there.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mmict.bookkeeping.folders import unique_path
+from mmict.bookkeeping.lock import launch_rank, refuse_if_held
 from mmict.config import ConfigError, load_config
+from mmict.plots import read_metric
 
 log = logging.getLogger(__name__)
 
 FINISHED = "summary.json"  # written by train() when a run has finished: such a run is never resumed
 # Settings that say where a run goes or whether to resume, not what it computes: two configs that differ
 # only in these describe the same run.
-_NOT_THE_RUN = ("resume", "run_dir", "run_root", "trainer.progress_bar")
+# Settings that do not change what a run computes (the divergence guard only watches it), so changing them does not
+# make it another run for resume=auto.
+_NOT_THE_RUN = ("resume", "run_dir", "run_root", "trainer.progress_bar", "trainer.divergence_guard")
 
 
 @dataclass
@@ -35,24 +48,79 @@ class Resume:
     # The run trained to its last step but did not finish (its evaluation failed, or was killed): it is evaluated,
     # not trained again.
     trained: bool = False
+    step: int = 0  # the checkpoint's training step (global_step)
+
+
+# ModelCheckpoint's names here: step000060.ckpt (train.build_trainer), step=60.ckpt (Lightning's default)
+_STEP_IN_NAME = re.compile(r"step[=_-]?(\d+)")
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, newest first: ModelCheckpoint's and Lightning's SLURM-requeue `hpc_ckpt_*`."""
+    """The run's checkpoints, highest training step first as their names say (`stepNNNNNN`; unnamed ones, such as
+    `last.ckpt` and Lightning's SLURM-requeue `hpc_ckpt_*`, after them): ModelCheckpoint's and `hpc_ckpt_*`."""
     found = list((run_dir / "checkpoints").glob("*.ckpt")) + list(run_dir.glob("hpc_ckpt_*.ckpt"))
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(found, key=lambda p: (_step_or(p, -1), p.stat().st_mtime), reverse=True)
+
+
+def _named_step(path: Path) -> int | None:
+    match = _STEP_IN_NAME.search(path.stem)
+    return int(match.group(1)) if match else None
+
+
+def _step_or(path: Path, default: int) -> int:
+    step = _named_step(path)
+    return default if step is None else step
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _set_aside(path: Path, err: Exception) -> None:
+    """A checkpoint that does not load: moved aside (never deleted: it may still be inspected), and said."""
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if path.is_dir() or launch_rank() != 0:  # a sharded (FSDP) folder, or another rank's look: leave it
+        log.warning("checkpoint %s does not load (%s); passing over it", path, reason)
+        return
+    target = unique_path(path.with_name(path.name + CORRUPT_SUFFIX))
+    path.rename(target)
+    log.warning("checkpoint %s does not load (%s): moved aside to %s, so no later resume tries it again; the "
+                "previous checkpoint is used. Delete it once you have looked at it", path, reason, target.name)
 
 
 def loadable_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that loads. A kill during a save can leave a truncated file: it is named and
-    passed over for the previous one, never used."""
+    """The loadable checkpoint of the highest training step; see `newest_step`."""
+    found = newest_step(run_dir)
+    return found[0] if found else None
+
+
+def newest_step(run_dir: Path) -> tuple[Path, int] | None:
+    """(checkpoint, its step) of the highest training step that loads. The step is the file name's (`stepNNNNNN`,
+    written by ModelCheckpoint from the global step) or, for a name without one (`last.ckpt`, `hpc_ckpt_*`), the
+    checkpoint's `global_step`; never the file date (a folder copied with `cp -r` has new dates). For one step,
+    an unnamed file (`last.ckpt`: the latest save, a signal's included) wins, then the newer file. A file that
+    does not load (a kill during a save truncates it) is moved aside (`_set_aside`)."""
+    candidates: list[tuple[int, int, float, Path]] = []
+    loaded: set[Path] = set()
     for path in checkpoints_of(run_dir):
-        try:
-            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            return path
-        except Exception as err:  # a truncated zip raises RuntimeError, a garbled one pickle errors
-            log.warning("checkpoint %s does not load (%s: %s); trying the previous one", path, type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "")
+        step = _named_step(path)
+        if step is None:  # the step is only in the file
+            try:
+                step = int(_load(path).get("global_step", 0))
+            except Exception as err:  # a truncated zip raises RuntimeError, a garbled one pickle errors
+                _set_aside(path, err)
+                continue
+            loaded.add(path)
+        candidates.append((step, int(path in loaded), path.stat().st_mtime, path))
+    for step, _, _, path in sorted(candidates, key=lambda c: c[:3], reverse=True):
+        if path not in loaded:
+            try:
+                _load(path)
+            except Exception as err:
+                _set_aside(path, err)
+                continue
+        return path, step
     return None
 
 
@@ -92,34 +160,71 @@ def find_resume(cfg: DictConfig, pinned: str | None) -> Resume | None:
         if (run_dir / FINISHED).exists():
             raise ConfigError(f"run folder {run_dir} holds a finished run ({FINISHED}); it is not trained again. "
                               "Choose another run_dir, or delete the folder to redo the run")
-        ckpt = loadable_checkpoint(run_dir) if run_dir.is_dir() else None
-        return Resume(run_dir, ckpt, trained=_trained_to_the_end(ckpt, cfg)) if ckpt else None
+        refuse_if_held(run_dir)  # a live run there: its files are not ours to touch (a checkpoint half written)
+        found = newest_step(run_dir) if run_dir.is_dir() else None
+        return _resume(run_dir, found, cfg) if found else None
     runs = Path(cfg.run_root) / cfg.name
     for run_dir in sorted((p for p in runs.glob("*") if p.is_dir()), key=lambda p: p.name, reverse=True):
         if (run_dir / FINISHED).exists() or not same_run(cfg, run_dir):
             continue
-        ckpt = loadable_checkpoint(run_dir)
-        if ckpt is None:
+        refuse_if_held(run_dir)  # the same command is running there now: continuing it too would mix two runs
+        found = newest_step(run_dir)
+        if found is None:
             log.info("interrupted run %s has no checkpoint to continue from: starting a new run", run_dir)
             return None
         # Trained to the end without summary.json: its evaluation did not finish (a missing eval split, a crash, a
         # kill). Running the same command again evaluates it; training it again would waste the run.
-        return Resume(run_dir, ckpt, trained=_trained_to_the_end(ckpt, cfg))
+        return _resume(run_dir, found, cfg)
     return None
 
 
-def _trained_to_the_end(ckpt: Path, cfg: DictConfig) -> bool:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    return int(state.get("global_step", 0)) >= int(cfg.trainer.max_steps)
+def _resume(run_dir: Path, found: tuple[Path, int], cfg: DictConfig) -> Resume:
+    ckpt, step = found
+    return Resume(run_dir, ckpt, trained=step >= int(cfg.trainer.max_steps), step=step)
 
 
 def _explicit(path: Path) -> Resume:
     if path.is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return Resume(run_dir, path)
+        refuse_if_held(run_dir)
+        try:
+            step = int(_load(path).get("global_step", 0))
+        except Exception as err:
+            raise ConfigError(f"resume={path}: the checkpoint does not load ({type(err).__name__}: {err}); name "
+                              "another checkpoint, or the run folder (its newest loadable one is used)") from err
+        return Resume(run_dir, path, step=step)
     if path.is_dir():
-        ckpt = loadable_checkpoint(path)
-        if ckpt is None:
+        refuse_if_held(path)
+        found = newest_step(path)
+        if found is None:
             raise ConfigError(f"resume={path}: the run folder has no loadable checkpoint (checkpoints/*.ckpt)")
-        return Resume(path, ckpt)
+        return Resume(path, found[0], step=found[1])
     raise ConfigError(f"resume={path}: no such checkpoint or run folder (use auto, never, a .ckpt or a run folder)")
+
+
+def missed_validation(resume: Resume, val_check_interval: int) -> int | None:
+    """The step whose validation the interruption cut short, to run again before training continues; None if none.
+
+    Lightning continues a checkpoint saved at a validation step (`ModelCheckpoint` saves before that step's
+    validation runs) as if the validation had run: a kill during it would leave the curve without that point.
+    So when the checkpoint's step is a validation step and no `val/loss` was logged for it, it is owed. (Lightning
+    logs the validation after step s at step s - 1, its count of steps finished before it.)"""
+    step = resume.step
+    if step <= 1 or step % val_check_interval:
+        return None
+    logged = {s for s, _ in read_metric(resume.run_dir / "logs" / "metrics.csv", "val/loss")}
+    return None if step - 1 in logged else step
+
+
+def redo_validation(trainer: Any, module: Any, datamodule: Any, resume: Resume, step: int) -> list[dict]:
+    """Validate `resume`'s checkpoint and log the result at `step` as fit would have (see `missed_validation`)."""
+    loggers = trainer.loggers
+    trainer.loggers = []  # `validate` would log it at step 0, over the before-training reference point
+    try:
+        results = trainer.validate(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint), verbose=False)
+    finally:
+        trainer.loggers = loggers
+    for logger in loggers:
+        logger.log_metrics({k: float(v) for k, v in (results[0] if results else {}).items()}, step=step - 1)
+        logger.save()
+    return results

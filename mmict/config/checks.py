@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +25,7 @@ from mmict.config.errors import (
     _where,
 )
 from mmict.config.introspection import _SCHEMA_TYPES, _fields, _unwrap_optional
+from mmict.config.ranges import check_ranges
 from mmict.config.schema import (
     AIM_READ_FORMATS,
     AIM_READ_SPANS,
@@ -46,6 +47,34 @@ from mmict.eval.protocol import DEMO_IMAGE_VIEWS, OVER_CONTEXT, PROTOCOL_NAMES, 
 from mmict.eval.tasks import PROMPT_FORMATS, TASKS, get_task  # the one task table
 from mmict.methods import METHOD_NAMES as METHODS  # the registry is the one list of method names
 from mmict.methods.mmict.text_init import TEXT_INITS
+
+# Keys an entry may not override: they would make it another run, not another task of this one.
+_EXTRA_TASK_FIXED = ("eval.task", "eval.extra_tasks", "eval.companions", "eval.enabled")
+
+
+def parse_extra_task(spec: str) -> tuple[str, list[str]]:
+    """'<task> [eval.key=value ...]' -> (task, overrides); only `eval.*` keys other than `_EXTRA_TASK_FIXED`."""
+    name, *own = str(spec).split()
+    for item in own:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.startswith("eval.") or key in _EXTRA_TASK_FIXED:
+            raise ConfigError(
+                f"eval.extra_tasks: '{spec}': '{item}' is not an evaluation override. An entry is a task name "
+                f"followed by eval.key=value overrides of its own (not {', '.join(_EXTRA_TASK_FIXED)}), e.g. "
+                "'toy_concept eval.max_new_tokens=2 eval.shots=[0,2,4,8]'"
+            )
+    return name, own
+
+
+def check_extra_tasks(specs: Sequence[str], tasks: Sequence[str], main_task: str) -> None:
+    """Every entry names a known task other than `eval.task`, once."""
+    names = [parse_extra_task(spec)[0] for spec in specs]
+    for name in names:
+        if name not in tasks:
+            raise ConfigError(f"eval.extra_tasks: unknown task '{name}'; known tasks: {', '.join(sorted(tasks))}")
+    repeated = sorted({n for n in names if names.count(n) > 1} | ({main_task} & set(names)))
+    if repeated:
+        raise ConfigError(f"eval.extra_tasks: {repeated} listed twice (eval.task={main_task} is always evaluated)")
 
 
 def _check_tree(node: Mapping[Any, Any], dc: type, prefix: str, source: str, origin: dict[str, str]) -> None:
@@ -206,13 +235,14 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
     if cfg.data.augment != "none" and cfg.data.task is None:
         raise ConfigError(f"config key {at('data.augment')} augments a task's training images (data.task); the web "
                           "corpus is not augmented. Fix: data.augment=none, or set data.task")
+    if cfg.eval.task not in TASKS:  # checked now, not after training; before its prompt format
+        raise _choice_error("eval.task", cfg.eval.task, sorted(TASKS), origin)
     for name in {cfg.eval.task, cfg.data.task} - {None}:
         try:  # a format that does not define the task fails now, not after training
             get_task(name, cfg.data.prompt_format)
         except ValueError as e:
             raise ConfigError(f"config key {at('data.prompt_format')}: {e}") from None
-    if cfg.eval.task not in TASKS:  # checked now, not after training
-        raise _choice_error("eval.task", cfg.eval.task, sorted(TASKS), origin)
+    check_extra_tasks(list(cfg.eval.extra_tasks), list(TASKS), cfg.eval.task)
     if cfg.method.demo_design not in DEMO_DESIGNS:
         raise _choice_error("method.demo_design", cfg.method.demo_design, DEMO_DESIGNS, origin)
     if cfg.method.name != "mmict" and cfg.method.demo_design != "fused":
@@ -245,3 +275,4 @@ def _check_semantics(cfg: DictConfig, origin: Mapping[str, str]) -> None:
             "method.name=finetune trains LoRA adapters on the language model: set backbone.lora.r (e.g. "
             "backbone.lora.r=8)"
         )
+    check_ranges(cfg, origin)  # every other number, name and combination (mmict/config/ranges.py)

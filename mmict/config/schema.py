@@ -232,6 +232,10 @@ class DataConfig:
     # images whose shorter side is below min_image_size pixels; both counted in the skip report.
     min_similarity: Optional[float] = None
     min_image_size: int = 0
+    # Web texts (demo and query texts of the corpus's episodes) longer than this many tokens of the backbone's
+    # tokenizer are cut to it, and counted in the skip report ("text cut to N tokens"), so one huge document cannot
+    # stall a step. Each is first cut to 8 characters per token, so no tokenizer ever sees a huge text whole.
+    max_text_tokens: int = 512
 
 
 @dataclass
@@ -258,6 +262,18 @@ class FSDPSettings:
 
 
 @dataclass
+class DivergenceGuardSettings:
+    """`trainer.divergence_guard` (callbacks/divergence_guard.py): stop a run that diverges without a NaN."""
+
+    factor: float = 4.0  # the loss counts as far above its start at factor x the mean of the first `warmup` losses
+    patience: int = 20  # ... for this many steps in a row
+    warmup: int = 10  # steps whose mean loss is the starting value
+    # The trained weights' norm above this x its value when training began (an absurd learning rate, whose loss
+    # can stay finite and merely mediocre) stops the run at once; null: not checked.
+    weight_factor: Optional[float] = 100.0
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 300
     precision: str = "32-true"  # a Lightning precision, or auto (bf16-mixed where the GPU has bf16, else 32-true)
@@ -272,6 +288,8 @@ class TrainerConfig:
     strategy: str = "auto"  # auto (one device; ddp on several) | ddp | fsdp (see trainer.fsdp)
     num_nodes: int = 1  # SLURM: `mmict sweep` sets it from slurm.nodes
     fsdp: FSDPSettings = field(default_factory=FSDPSettings)
+    # Beside the NaN guard: stop when the loss stays far above its start or the weights blow up; null: off.
+    divergence_guard: Optional[DivergenceGuardSettings] = field(default_factory=DivergenceGuardSettings)
 
 
 @dataclass
@@ -354,6 +372,9 @@ class EvalConfig:
     # Experiments trained and evaluated after this run, on its backbone, data root and evaluation settings;
     # their rows join this run's table (mmict/companions.py). toy_aim adds MMICT this way.
     companions: list[str] = field(default_factory=list)
+    # Further tasks the trained weights are evaluated on after eval.task, each "<task> [eval.key=value ...]" (its own
+    # evaluation overrides; the rest is this run's), reported under eval/<task>/ (mmict/config/extra_tasks.py).
+    extra_tasks: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mmict.config import ConfigError, config_from_dict, load_config, save_config
+from mmict.config.extra_tasks import task_configs
 from mmict.eval.runner import run_eval
 from mmict.methods import METHODS
 from mmict.methods.base import check_checkpoint_backbone
@@ -36,7 +37,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     # query-text setting differs from the config's).
     module.on_load_checkpoint(state)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    rows, report, *_ = run_eval(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
+    rows, report = evaluate_tasks(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
     print(report)
     return rows
 
@@ -60,9 +61,20 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
     module = METHODS[cfg.method.name](cfg)  # loads the backbone first: missing weights fail before any folder
     run_dir = make_run_dir(cfg.run_root, cfg.name)
     save_config(cfg, run_dir / "config.yaml")
-    rows, report, *_ = run_eval(module, cfg, run_dir / "eval")
+    rows, report = evaluate_tasks(module, cfg, run_dir / "eval")
     print(f"{report}\n\nreport: {run_dir / 'eval'}")
     return rows
+
+
+def evaluate_tasks(module, cfg, eval_dir: Path, checkpoint: str | None = None) -> tuple[list[dict], str]:
+    """eval.task under `eval_dir`, then each of eval.extra_tasks under `eval_dir/<task>`; eval.task's rows and the
+    reports of all."""
+    extra = task_configs(cfg)  # an entry's bad override fails before the first task runs
+    rows, report, *_ = run_eval(module, cfg, eval_dir, checkpoint=checkpoint)
+    for task_cfg in extra:
+        _, more, *_ = run_eval(module, task_cfg, eval_dir / task_cfg.eval.task, checkpoint=checkpoint)
+        report += f"\n\n--- {task_cfg.eval.task} ---\n{more}"
+    return rows, report
 
 
 def shots_override(shots: str | None) -> list[str]:

@@ -55,6 +55,8 @@ class TrialResult:
     model_max_positions: int | None = None  # the LM's usable positions (None: no hard limit)
     metrics: dict[str, float] = field(default_factory=dict)  # corpus metrics beside the headline (captions)
     query_ids: list[str] | None = None  # the trial's queries, in the order their demos were drawn
+    # what its queries and its demo pool lost: {"queries": {reason: n}, "pool": {reason: n}}; empty: nothing
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class LazyImages(Sequence):
@@ -104,6 +106,8 @@ class SeedPlan:
 
     queries: list[Example]
     pool: list[Example]
+    # skipped examples by reason, of the queries drawn ("queries") and of the demo pool ("pool"); empty: none
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def build_bank(bank, demos: Sequence[Example], task: Task) -> int:
@@ -253,7 +257,7 @@ def evaluate(
         demos = draws[(seed, k, demos_shown(k, mode, protocol))]
         prompt_mode = PROMPT_MODE.get(mode, mode)
         base = dict(method=mode, shots=k, seed=seed, num_queries=len(qs), demos_shown=demos_shown(k, mode, protocol),
-                    model_max_positions=limit, query_ids=[q.id for q in qs])
+                    model_max_positions=limit, query_ids=[q.id for q in qs], skipped=plans[seed].skipped)
         if limit is not None and prompt_mode in getattr(module, "preflight_modes", ()):
             longest = max(counter.lengths(qs, demos, task, mode, protocol.demo_separator)) + (
                 0 if task.kind == "classify" else answer_len)
@@ -285,7 +289,9 @@ def evaluate(
                 outputs = module.backbone.generate_from(assembled, **protocol.decoding.generate_kwargs())
                 for out, ex in zip(outputs, q):
                     answers.append(task.postprocess(out))
-                    records.append({"id": ex.id, "answer": answers[-1], "generation": out})
+                    # the reference beside the answer, so a score can be checked by hand from results.json alone
+                    records.append({"id": ex.id, "answer": answers[-1], "generation": out,
+                                    "reference": references[ex.id]})
             bar.update(len(q))
         peak = torch.cuda.max_memory_allocated(module.device) / 2**20 if cuda else None
         longest = int(max(ctx)) + answer_len

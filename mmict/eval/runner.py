@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.downstream import DownstreamDataModule, Example, ShardExamples
+from data_modules.skips import SplitLoss, skip_line, skip_record
 from mmict.bookkeeping.folders import unique_path, write_text_unique
 from mmict.bookkeeping.record import versions
 from mmict.eval.loop import (
@@ -40,17 +41,26 @@ class EvalOutcome(NamedTuple):
     chance: float | None  # the rate of answering with a random demo's answer (episodic tasks)
     metric: str
     how: list[str] = []  # how the numbers were made (protocol, shots, trials, queries, selection, decoding, view)
+    skipped: dict[str, Any] = {}  # results.json's "skipped": what the queries and the demo pool lost, by reason
 
 
 def log_to_wandb(run: Any, rows: list[dict], images: dict[str, Path], prefix: str = "eval",
-                 settings: dict[str, Any] | None = None) -> None:
+                 settings: dict[str, Any] | None = None, skipped: dict[str, Any] | None = None) -> None:
     """The summary as a W&B table (with the protocol's label and settings as columns, so a dashboard never puts
-    rows made differently side by side unawares), the protocol in the run's config, and the plots as images."""
+    rows made differently side by side unawares), the protocol in the run's config, and the plots as images;
+    `skipped` (results.json's record of skipped queries and pool examples) in the config and its counts in the
+    run's summary."""
     import wandb
 
     settings = settings or {}
     if settings:
         run.config.update({f"{prefix}_protocol": settings}, allow_val_change=True)
+    if skipped is not None:
+        run.config.update({f"{prefix}_skipped": skipped}, allow_val_change=True)
+        counts = {f"{prefix}/skipped_{name}": sum(skipped.get(name, {}).values()) for name in ("queries", "pool")}
+        summary = getattr(run, "summary", None)
+        if summary is not None:
+            summary.update(counts)
     table_rows = [{**{k: v for k, v in r.items() if k != "metrics"}, **r.get("metrics", {}),
                    "protocol": settings.get("label", ""), "decoding": json.dumps(settings.get("decoding")),
                    "demo_image_view": settings.get("demo_image_view", "")} for r in rows]
@@ -111,24 +121,42 @@ def seed_plans(dm: DownstreamDataModule, pool: Sequence[Example], protocol: Reso
                random_demos: bool) -> tuple[dict[int, SeedPlan], dict[str, Any]]:
     """Each trial seed's queries and demo pool as the protocol draws them, and what was drawn (for results.json)."""
     plans, record = {}, {}
+    pool_lost = dm.pool_loss.reasons if dm.pool_loss else {}
     if protocol.query_subset == "first":
+        lost = dm.query_loss.reasons if dm.query_loss else {}
         for seed in seeds:
             _, pool_pos = protocol.subsets(seed, len(dm.queries), len(pool), random_demos)
-            plans[seed] = SeedPlan(list(dm.queries), [pool[i] for i in pool_pos])
-            record[seed] = {"num_queries": len(dm.queries), "pool_size": len(pool_pos), "query_subset": "first N"}
+            plans[seed] = SeedPlan(list(dm.queries), [pool[i] for i in pool_pos], _skipped(lost, pool_lost))
+            record[seed] = {"num_queries": len(dm.queries), "pool_size": len(pool_pos), "query_subset": "first N",
+                            "skipped": dict(lost)}
         return plans, record
     n_test = dm.count_queries()
     drawn = {seed: protocol.subsets(seed, n_test, len(pool), random_demos) for seed in seeds}
     loaded = dm.queries_at({p for q_pos, _ in drawn.values() for p in q_pos})
     for seed, (q_pos, pool_pos) in drawn.items():
         queries = [loaded[p] for p in q_pos if p in loaded]
+        lost = dm.query_loss_at(q_pos).reasons
         if len(queries) < len(q_pos):
-            log.warning("seed %d: %d of the %d drawn queries did not decode and were skipped (see the skip report)",
-                        seed, len(q_pos) - len(queries), len(q_pos))
-        plans[seed] = SeedPlan(queries, [pool[i] for i in pool_pos])
+            log.warning("seed %d: %d of the %d drawn queries were skipped (%s)", seed, len(q_pos) - len(queries),
+                        len(q_pos), ", ".join(f"{r}: {n}" for r, n in lost.items()))
+        plans[seed] = SeedPlan(queries, [pool[i] for i in pool_pos], _skipped(lost, pool_lost))
         record[seed] = {"num_queries": len(queries), "drawn_from": n_test, "pool_size": len(pool_pos),
-                        "query_subset": "seeded random", "query_positions": q_pos}
+                        "query_subset": "seeded random", "query_positions": q_pos, "skipped": dict(lost)}
     return plans, record
+
+
+def _skipped(queries: dict[str, int], pool: dict[str, int]) -> dict[str, dict[str, int]]:
+    """A trial's record of what its queries and its demo pool lost (only the parts that lost something)."""
+    return {name: dict(lost) for name, lost in (("queries", queries), ("pool", pool)) if lost}
+
+
+def split_losses(dm: DownstreamDataModule, drawn: dict) -> dict[str, SplitLoss | None]:
+    """What the evaluation's queries (all seeds' together) and its demo pool lost."""
+    if dm.load_queries:
+        queries = dm.query_loss
+    else:
+        queries = dm.query_loss_at({p for d in drawn.values() for p in d.get("query_positions", [])})
+    return {"queries": queries, "pool": dm.pool_loss}
 
 
 def protocol_for(cfg: DictConfig, task: Task, backbone) -> ResolvedProtocol:
@@ -138,9 +166,10 @@ def protocol_for(cfg: DictConfig, task: Task, backbone) -> ResolvedProtocol:
 
 
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
-             wandb_run: Any = None) -> EvalOutcome:
+             wandb_run: Any = None, wandb_prefix: str = "eval") -> EvalOutcome:
     """Shots x seeds x demo modes on `cfg.eval.task` under `cfg.eval.protocol`; writes results.json, results.md,
-    score_vs_shots.png and cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given.
+    score_vs_shots.png and cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given
+    (under `wandb_prefix`: eval.task's under "eval", a further task's under "eval_<task>").
 
     Returns the summary rows and the report (markdown), with the chance rate and metric they are read against."""
     ev = cfg.eval
@@ -163,6 +192,10 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     bank = attach_bank(module, cfg, protocol.demo_image_view)
     random_demos = ev.selection == "random" and not task.episodic
     plans, drawn = seed_plans(dm, pool, protocol, list(ev.seeds), random_demos)
+    losses = split_losses(dm, drawn)
+    skipped = skip_line(losses, {"queries": f"{dm.query_split} queries", "pool": "pool examples"})
+    if skipped:  # also the table's header line, results.json's "skipped" and the W&B run's
+        log.warning("%s: %s", task.name, skipped)
     rices = None
     if ev.selection == "rices":
         rices = {**OmegaConf.to_container(ev.rices), "model": protocol.rices_model,
@@ -177,7 +210,7 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = trained_shots_of(module)
-    how = how_made(protocol, task, cfg, backbone, drawn, trained=trained)
+    how = how_made(protocol, task, cfg, backbone, drawn, trained=trained, skipped=skipped)
     report = report_markdown(rows, chance, task.metric, how)
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint,
@@ -186,6 +219,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         "summary": rows,
         "shots": list(ev.shots), "seeds": list(ev.seeds),
         "num_queries": {str(seed): d["num_queries"] for seed, d in drawn.items()},
+        # skipped test queries and pool examples by reason, and per split the kept count, broken shards, size written
+        "skipped": skip_record(losses),
         "query_subsets": {str(seed): d for seed, d in drawn.items()},
         "selection": ev.selection + (" (in-episode)" if task.episodic else ""),
         "rices": rices,
@@ -212,13 +247,14 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     log.info("wrote %s, %s, %s, %s", json_path, md_path, png_path, cost_path)
     if wandb_run is not None:
         log_to_wandb(wandb_run, rows, {"score_vs_shots": png_path, "cost_vs_shots": cost_path},
-                     settings=protocol.as_dict())
-    return EvalOutcome(rows, report, chance, task.metric, how)
+                     prefix=wandb_prefix, settings=protocol.as_dict(), skipped=payload["skipped"])
+    return EvalOutcome(rows, report, chance, task.metric, how, payload["skipped"])
 
 
 def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, drawn: dict,
-             trained: dict[int, int] | None = None) -> list[str]:
-    """The lines above a table that say how its numbers were made."""
+             trained: dict[int, int] | None = None, skipped: str | None = None) -> list[str]:
+    """The lines above a table that say how its numbers were made; `skipped`: the line saying what the queries and
+    the demo pool lost (`skips.skip_line`), when they lost anything."""
     ev = cfg.eval
     sizes = sorted({d["num_queries"] for d in drawn.values()})
     subset = next(iter(drawn.values()))["query_subset"] if drawn else "n/a"
@@ -248,6 +284,7 @@ def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, 
         "trials",
         *trained_shots_line(trained, ev.shots),  # the module's histogram of demos per training episode, if known
         f"Queries per trial: {', '.join(map(str, sizes))} ({subset})",
+        *([skipped] if skipped else []),
         f"Demo selection: {selection}; demo separator {protocol.demo_separator!r}; demo images: "
         f"{protocol.demo_image_view} view",
         f"Decoding: {decoding}",

@@ -3,11 +3,13 @@
 A checkpoint holds the method's own trainable modules (projector, M-Hub, ...), the backbone's LoRA
 weights when a method adds them, and the experiment config; never the frozen backbone, which is
 reloaded from `backbone.name_or_path`. Loading checks that the checkpoint was trained for a backbone of
-the same hidden size and names the mismatch.
+the same hidden size and names the mismatch. A training run resumed from a checkpoint trains with its own
+optimisation settings (`optim.*`, the schedule's length), not the checkpoint's, and says which differ.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from mmict.backbones import Backbone, build_backbone
 from mmict.backbones.lora import is_lora_key
 from mmict.batch import EpisodeBatch
-from mmict.optim import adamw_warmup_cosine, decay_groups
+from mmict.optim import (
+    adamw_warmup_cosine,
+    apply_optimizer_settings,
+    changed_settings,
+    decay_groups,
+    optimizer_settings,
+)
 from mmict.prompts import build_prompt
 from mmict.segments import Pixels, Prompt
+
+log = logging.getLogger(__name__)
 
 BACKBONE_PREFIX = "backbone."
 
@@ -129,6 +139,27 @@ class FrozenBackboneModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_backbone(checkpoint, self.backbone)
+        # The config it trained with: a resumed fit puts this run's optimisation settings over it (on_train_start).
+        self._checkpoint_config = (checkpoint.get("hyper_parameters") or {}).get("config")
+
+    # ---- a resume with other optimisation settings (mmict/optim.py) ---------------------------------------------
+    def on_fit_start(self) -> None:
+        # Called after configure_optimizers and before Lightning restores a checkpoint's optimizer states over them:
+        # what this run's config asks for.
+        self._configured_optim = optimizer_settings(self.trainer.optimizers)
+
+    def on_train_start(self) -> None:
+        saved, self._checkpoint_config = getattr(self, "_checkpoint_config", None), None
+        configured = getattr(self, "_configured_optim", None)
+        if saved is None or configured is None:
+            return
+        changes = changed_settings(saved, OmegaConf.to_container(self.cfg, resolve=True))
+        if not changes:
+            return
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        apply_optimizer_settings(self.trainer.optimizers, schedulers, configured)
+        log.warning("resume: %s applied from step %d on (the optimizer's moments and the schedule's position are "
+                    "the checkpoint's)", "; ".join(changes), self.trainer.global_step)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
         # Checkpoints lack the frozen backbone by design; every other key must be present and match.

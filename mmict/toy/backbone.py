@@ -80,6 +80,8 @@ def toy_recipe(cfg: Any) -> dict:
     fields = {k: _plain(getattr(cfg, k, 0)) for k in keys}
     if fields.get("pretrain_mix", 0) is None:  # the default mix: left out, so recipes written before it keep their hash
         del fields["pretrain_mix"]
+    elif isinstance(fields.get("pretrain_mix"), dict):  # a kind at weight 0 is not in the mix (the stream drops it)
+        fields["pretrain_mix"] = {k: v for k, v in fields["pretrain_mix"].items() if v}
     words, pieces = toy_language()
     pools = {name: hashlib.sha256(" ".join(ws).encode()).hexdigest()[:8] for name, ws in word_pools().items()}
     blob = json.dumps({"fields": fields, "vocabulary": words, "pieces": pieces, "word_pools": pools,

@@ -302,7 +302,8 @@ def pretrain_toy_backbone(backbone: Backbone, cfg: Any, progress: bool = True, m
 
 def _mix(cfg: Any) -> dict[str, float] | None:
     mix = getattr(cfg, "pretrain_mix", None)
-    return None if mix is None else {str(k): float(v) for k, v in dict(mix).items()}
+    # a kind at weight 0 is left out (a config that inherits another's mix zeroes the kinds it does not want)
+    return None if mix is None else {str(k): float(v) for k, v in dict(mix).items() if v}
 
 
 def _log_probe(what: str, probe: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:

@@ -1,8 +1,10 @@
-"""A NaN / inf loss stops the run with the step in the message; the last good checkpoint is the newest one."""
+"""A NaN / inf loss stops the run with the step in the message; the last good checkpoint is the newest one, and the
+message's command continues from it with a lower learning rate."""
 
 from __future__ import annotations
 
 import math
+import shlex
 
 import lightning as L
 import pytest
@@ -10,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.nan_guard import NonFiniteLossError
-from mmict.config import load_config
+from mmict.bookkeeping.resume import find_resume
+from mmict.config import load_config, save_config
 from mmict.train import build_trainer, shot_policy
 
 BAD_STEP = 8  # the 8th optimizer step's loss is NaN (global_step 7 when it is computed)
@@ -67,6 +70,25 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, value):
     # The bad batch never reached the optimizer: the weights are still finite.
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert trainer.global_step == BAD_STEP - 1
+
+
+def test_the_message_names_a_command_that_continues_from_the_checkpoint(tmp_path):
+    cfg = load_config("toy_aim", ["trainer.accelerator=cpu", "logger.wandb=false", "trainer.progress_bar=false",
+                                  "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=20",
+                                  "trainer.val_check_interval=1000", f"run_root={tmp_path / 'runs'}"])
+    save_config(cfg, tmp_path / "config.yaml")  # as `mmict train` does in the run folder
+    trainer, _ = build_trainer(cfg, tmp_path)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(Tiny(BAD_STEP), datamodule=Data())
+    msg = str(info.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    command = shlex.split(msg[msg.index("mmict train"):])
+    # The run's own config (overrides included), the last good checkpoint, a tenth of the optimizer's lr (SGD 0.1).
+    assert command == ["mmict", "train", str(tmp_path / "config.yaml"), f"resume={last}", "optim.lr=0.01"]
+    continued = load_config(command[2], command[3:])
+    assert continued.optim.lr == pytest.approx(0.01) and continued.trainer.max_steps == 20
+    resume = find_resume(continued, None)
+    assert resume is not None and resume.checkpoint == last and resume.run_dir == tmp_path
 
 
 def test_finite_losses_run_to_the_end(tmp_path):

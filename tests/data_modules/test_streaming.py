@@ -238,3 +238,40 @@ def test_missing_web_shards_name_the_convert_command(tmp_path: Path) -> None:
     dm = WebCorpusDataModule(tmp_path / "mmc4", image_transform=to_tensor)
     with pytest.raises(FileNotFoundError, match="mmict data convert mmc4"):
         dm.setup("fit")
+
+
+def test_a_tar_error_drops_the_document_it_cut_short_and_names_the_shard(tmp_path: Path) -> None:
+    import tarfile
+
+    (tmp_path / "web").mkdir()
+    shard = tmp_path / "web" / "val-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for d in range(8):  # two members per document: the json, then a second member the error will cut
+            sink.write({"__key__": f"d{d}", "json": json.dumps(_doc(f"d{d}", 3)).encode(), "pad": b"x" * 3000})
+    with tarfile.open(shard) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "d5.pad").offset_data + 100
+    shard.write_bytes(shard.read_bytes()[:cut])  # d5's json is whole, its second member cut: d5 is incomplete
+    drain_skips()
+    batches = _batches(_stream([str(shard)], train=False, batch_size=4), num_workers=0)
+    keys = [source.split("#")[1] for b in batches for source in b.sources]
+    assert keys == ["d0", "d1", "d2", "d3", "d4"]  # d5, cut short, is not taken for a whole document
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b.skipped)
+    skipped.update(drain_skips())
+    assert skipped == {"tar: ReadError in val-000000.tar: the document it cut short is dropped; the documents after "
+                       "it in the shard are lost too (how many is not known)": 1}
+
+
+def test_an_unreadable_shard_is_counted_and_named(tmp_path: Path) -> None:
+    urls = write_corpus(tmp_path, [3], split="val")
+    missing = str(tmp_path / "web" / "val-000001.tar")
+    drain_skips()
+    batches = _batches(_stream([*urls, missing], train=False, batch_size=4), num_workers=0)
+    assert sum(len(b) for b in batches) == 3
+    skipped = Counter()
+    for b in batches:
+        skipped.update(b.skipped)
+    skipped.update(drain_skips())
+    assert skipped == {"tar: FileNotFoundError in val-000001.tar: the shard does not read; its documents are lost "
+                       "(how many is not known)": 1}

@@ -24,12 +24,14 @@ def finished_run(tmp_path_factory, tiny_backbone_dir):
         f"run_root={root / 'runs'}", f"data.root={root / 'toy'}",
         f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null",
         "data.toy.num_docs=80", "data.toy.val_docs=16", "data.toy.vqa_train=20", "data.toy.vqa_test=12",
-        "data.toy.image_size=16", "data.toy.binding_episodes=4", "data.batch_size=4", "data.num_workers=0",
+        "data.toy.image_size=16", "data.toy.binding_episodes=4", "data.toy.concept_episodes=4",
+        "data.toy.concept_tuning_episodes=4", "data.toy.concept_tuning_val_episodes=2", "data.batch_size=4",
+        "data.num_workers=0",
         "data.epoch_size=40",
         "data.val_episodes=8", "trainer.max_steps=12", "trainer.val_check_interval=6",
         "trainer.checkpoint_every_n_steps=6", "trainer.log_every_n_steps=1", "trainer.progress_bar=false",
         "optim.warmup_steps=0", "optim.lr=3e-3", "eval.num_queries=8", "eval.shots=[0,2]", "eval.seeds=[0,1]",
-        f"eval.companions=[{COMPANION!r}]",
+        f"eval.companions=[{COMPANION!r}]", f"eval.extra_tasks=[{EXTRA_TASK!r}]",
     ])
     return cfg, train(cfg)
 
@@ -37,6 +39,10 @@ def finished_run(tmp_path_factory, tiny_backbone_dir):
 # toy_aim's MMICT companion, briefly (its own recipe otherwise; backbone, data and eval come from the run).
 COMPANION = ("toy_mmict_binding trainer.max_steps=3 trainer.val_check_interval=3 trainer.checkpoint_every_n_steps=3 "
              "trainer.progress_bar=false data.batch_size=4 data.num_workers=0 data.epoch_size=40 data.val_episodes=8")
+
+
+# A further task the same weights are evaluated on, with an evaluation override of its own.
+EXTRA_TASK = "toy_concept eval.max_new_tokens=2"
 
 
 def test_run_folder_has_everything(finished_run):
@@ -64,7 +70,8 @@ def test_run_folder_has_everything(finished_run):
     assert results["versions"]["lock"]["sha256"] == runtime["versions"]["lock"]["sha256"] == sha256(lock_path())
     assert all(r["peak_memory_mb"] is None for r in results["summary"])  # CPU: not measured, not faked
     trial = results["trials"][0]  # every answer is kept, so a score can be checked by hand
-    assert len(trial["predictions"]) == 8 and {"id", "answer", "generation"} <= set(trial["predictions"][0])
+    assert len(trial["predictions"]) == 8
+    assert {"id", "answer", "generation", "reference"} <= set(trial["predictions"][0])
     saved = OmegaConf.to_container(load_config(run / "config.yaml"), resolve=True)
     assert saved == OmegaConf.to_container(cfg, resolve=True)
 
@@ -85,6 +92,30 @@ def test_companion_trains_on_the_same_backbone_and_joins_the_table(finished_run)
     assert (Path(summary["run_dir"]) / "eval/methods_vs_shots.png").exists()
     # web-trained: the M-Hub read no query text in training, so none at evaluation either (issue 23 item 5)
     assert "MMICT (M-Hub text features; text-free query features; fresh M-Hub)" in summary["eval_report"]
+
+
+def test_extra_task_evaluates_the_same_weights_and_joins_the_joint_table(finished_run):
+    _, summary = finished_run
+    run = Path(summary["run_dir"])
+    main = json.loads((run / "eval/results.json").read_text())
+    extra = json.loads((run / "eval/toy_concept/results.json").read_text())
+    assert (main["task"], extra["task"]) == ("toy_binding", "toy_concept")
+    assert extra["checkpoint"] == main["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    # its own override, the run's other settings
+    assert (main["decoding"]["max_new_tokens"], extra["decoding"]["max_new_tokens"]) == (3, 2)
+    assert extra["shots"] == main["shots"] and extra["seeds"] == main["seeds"]
+    references = {json.dumps(p["reference"]) for t in extra["trials"] for p in t["predictions"]}
+    assert references and all("yes" in r or "no" in r for r in references)  # its own queries, not binding's
+    companion = Path(summary["companions"]["toy_mmict_binding"])
+    assert (companion / "eval/toy_concept/results.json").exists()  # companions evaluate the further tasks too
+    joint = json.loads((run / "eval/methods.json").read_text())
+    concept_rows = {(r["method"], r["shots"]) for r in joint["extra_tasks"]["toy_concept"]["summary"]}
+    assert ("AIM (fused tokens)", 2) in concept_rows
+    assert ("MMICT (M-Hub text features; text-free query features; fresh M-Hub)", 2) in concept_rows
+    assert summary["eval_tasks"]["toy_concept"] == joint["extra_tasks"]["toy_concept"]["summary"]
+    md = (run / "eval/methods.md").read_text()
+    assert "## toy_binding" in md and "## toy_concept" in md
+    assert (run / "eval/methods_vs_shots_toy_concept.png").exists()
 
 
 def test_checkpoint_is_trainable_weights_and_config(finished_run):

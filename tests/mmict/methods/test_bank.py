@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ from tiny_models.numerics import assert_fp32_close
 from data_modules.downstream import Example
 from mmict.backbones import ImageTransform
 from mmict.bank import DemoBank, backbone_fingerprint
+from mmict.bank_files import unwritable
 from mmict.batch import EpisodeBatch
 from mmict.config import ConfigError
 from mmict.eval.loop import evaluate
@@ -303,3 +309,108 @@ def test_bank_config(tiny_backbone_dir, tmp_path):
     assert attach_bank(module, cfg) is None and module.bank is None
     cfg.eval.bank.enabled, cfg.eval.demo_modes = True, ["images"]
     assert attach_bank(module, cfg) is None  # no fused demos shown: nothing to bank
+
+
+@contextlib.contextmanager
+def read_only(folder):
+    """`folder` made unwritable for real: chmod for a user, `chattr +i` for root (whom chmod does not stop)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        undo = [lambda: folder.chmod(0o755)]
+    elif shutil.which("chattr") and not subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        undo = [lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)]
+    else:
+        pytest.skip("cannot make a folder read-only here (root without chattr +i)")
+    try:
+        if unwritable(folder) is None:
+            pytest.skip(f"{folder} is still writable")
+        yield folder
+    finally:
+        undo[0]()
+
+
+def test_a_read_only_bank_reads_what_it_holds_computes_the_rest_in_memory_and_warns_once(module, tmp_path,
+                                                                                          monkeypatch, caplog):
+    ids, images, texts = demos(module.backbone, 4)
+    first = module.attach_bank(tmp_path, progress=False)
+    first.build(ids[:2], images[:2], texts[:2])
+    folder = first.path
+    (folder / "shard-orphan.safetensors").write_bytes(b"left behind")  # reported, not removed: read-only
+    before = sorted(p.name for p in folder.iterdir())
+    with torch.no_grad():
+        expected = module.reader.read(images, texts)
+    with read_only(folder):
+        fresh = module.attach_bank(tmp_path, progress=False)
+        reads = count_reads(module, monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="mmict.bank"):
+            assert fresh.build(ids, images, texts) == 2  # no crash: the two it lacks are computed
+            assert_same(fresh.lookup(ids, images, texts), expected)
+            fresh.lookup(ids[2:], images[2:], texts[2:])  # held in memory: not computed again
+        assert sorted(p.name for p in folder.iterdir()) == before  # nothing written, nothing removed
+    assert sum(reads) == 2 and fresh.stats["loaded"] == 2 and fresh.stats["computed"] == 2
+    assert fresh.stats["cache"] == "read-only: not cached"
+    warned = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(warned) == 1 and str(folder) in warned[0] and "eval.bank.dir" in warned[0]
+    assert "shard-orphan.safetensors" in caplog.text and "Not removed: the folder is read-only" in caplog.text
+
+
+def test_an_evaluation_with_a_read_only_bank_answers_the_same(module, tmp_path):
+    pool, queries = _examples(module.backbone, 6, "train"), _examples(module.backbone, 4, "test")
+    kwargs = dict(shots=[2], seeds=[0], demo_modes=["fused"], task="toy_vqa", batch_size=2, progress=False)
+    plain = evaluate(module, queries, pool, **kwargs)
+    root = tmp_path / "bank"
+    with read_only(root):  # not even the bank's folder can be made
+        bank = module.attach_bank(root, progress=False)
+        banked = evaluate(module, queries, pool, **kwargs)
+        assert list(root.iterdir()) == []
+    assert [r.predictions for r in banked] == [r.predictions for r in plain]
+    assert bank.stats["computed"] > 0 and bank.stats["cache"] == "read-only: not cached"
+
+
+def test_a_write_that_fails_turns_caching_off_and_leaves_nothing_behind(module, tmp_path, monkeypatch, caplog):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        Path(path).write_bytes(b"half")  # as an interrupted write leaves it
+        raise SafetensorError("Error while serializing: I/O error: Operation not permitted (os error 1)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    ids, images, texts = demos(module.backbone, 4)
+    bank = module.attach_bank(tmp_path, progress=False)
+    with caplog.at_level(logging.WARNING, logger="mmict.bank"):
+        assert bank.build(ids[:2], images[:2], texts[:2]) == 2
+        assert bank.build(ids, images, texts) == 2  # the next demos are computed, not written
+    with torch.no_grad():
+        assert_same(bank.lookup(ids, images, texts), module.reader.read(images, texts))
+    assert len(calls) == 1 and bank.stats["cache"] == "read-only: not cached"
+    assert "Operation not permitted" in caplog.text and str(bank.path) in caplog.text
+    assert sorted(p.name for p in bank.path.iterdir()) == [".lock"]  # no half shard, no index
+
+
+def test_files_no_index_refers_to_are_removed_when_the_bank_opens(module, tmp_path, monkeypatch, caplog):
+    ids, images, texts = demos(module.backbone)
+    bank = module.attach_bank(tmp_path, progress=False)
+    bank.build(ids, images, texts)
+    (shard,) = shard_files(bank)
+    (bank.path / "index.json").unlink()  # as a user resetting the bank would
+    leftovers = [bank.path / ".tmpab12cd", bank.path / f".{shard.name}.tmp123", bank.path / ".index.json.tmp123"]
+    for path in leftovers:
+        path.write_bytes(b"interrupted")
+    (bank.path / "notes.txt").write_text("not the bank's: kept")
+    fresh = module.attach_bank(tmp_path, progress=False)
+    reads = count_reads(module, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="mmict.bank"):
+        fresh.lookup(ids, images, texts)
+    assert "removed 4 files no index entry refers to" in caplog.text and shard.name in caplog.text
+    assert not shard.exists() and not any(p.exists() for p in leftovers)
+    assert (bank.path / "notes.txt").exists()
+    assert sum(reads) == 3 and len(shard_files(fresh)) == 1 and len(fresh) == 3  # rebuilt, indexed
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmict.bank"):
+        module.attach_bank(tmp_path, progress=False).lookup(ids, images, texts)
+    assert "no index entry" not in caplog.text  # a sound bank: nothing to say
