@@ -154,8 +154,15 @@ def test_trainer_refuses_fsdp_without_gpu(tmp_path, tiny_backbone_dir):
     from mmict.config import ConfigError, load_config
     from mmict.train import build_trainer
 
-    cfg = load_config("toy_aim", ["trainer.strategy=fsdp", "trainer.accelerator=cpu", "logger.wandb=false",
-                                  f"backbone.name_or_path={tiny_backbone_dir}", "backbone.toy=null"])
+    common = ["trainer.strategy=fsdp", "logger.wandb=false", f"backbone.name_or_path={tiny_backbone_dir}",
+              "backbone.toy=null"]
+    # An explicit CPU accelerator is refused when the config loads, before any work (issue 26's range checks) ...
+    with pytest.raises(ConfigError, match="fsdp.*CUDA"):
+        load_config("toy_aim", [*common, "trainer.accelerator=cpu"])
+    # ... and one that resolves to the CPU (auto, on a machine without a GPU) when the trainer is built.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: trainer.accelerator=auto resolves to it")
+    cfg = load_config("toy_aim", [*common, "trainer.accelerator=auto"])
     with pytest.raises(ConfigError, match="fsdp.*CUDA"):
         build_trainer(cfg, tmp_path)
 
