@@ -41,7 +41,7 @@ from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.companions import companion_configs, run_companions, wandb_group
 from mmict.config import ConfigError, load_config, save_config
 from mmict.config.extra_tasks import task_configs
-from mmict.eval.runner import run_eval
+from mmict.eval.runner import run_tasks
 from mmict.eval.tasks import get_task
 from mmict.methods import METHODS
 from mmict.methods.aim.shots import report as write_trained_shots
@@ -308,12 +308,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     run_dir / "checkpoints" / "last.ckpt")
     elif cfg.eval.enabled:
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
-        outcomes = {cfg.eval.task: run_eval(module, cfg, run_dir / "eval", checkpoint=checkpoint, wandb_run=wandb_run)}
-        for task_cfg in extra_tasks:  # the same weights on each further task, reported under eval/<task>/
-            task = task_cfg.eval.task
-            outcomes[task] = run_eval(module, task_cfg, run_dir / "eval" / task, checkpoint=checkpoint,
-                                      wandb_run=wandb_run, wandb_prefix=f"eval_{task}")
+        # eval.task, then the same weights on each further task (eval/<task>/)
+        outcomes = run_tasks(module, cfg, extra_tasks, run_dir / "eval",
+                             checkpoint=str(run_dir / "checkpoints" / "last.ckpt"), wandb_run=wandb_run)
         # This run's W&B run ends before any companion starts: each companion is a W&B run of its own, in this run's
         # group, and the joint table goes to one more run of the group (mmict/companions.py).
         finish_wandb(trainer.loggers)

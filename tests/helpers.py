@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+import torch
 from PIL import Image as PILImage
+from torch.utils.data import DataLoader
 
 from mmict.batch import EpisodeBatch
 
@@ -96,3 +99,12 @@ def evaluate_trained(cfg, summary, *, folder: str, task: str, shots, demo_modes,
     dm.setup("test")
     return evaluate(module, dm.queries, dm.pool, shots=list(shots), seeds=[0], demo_modes=list(demo_modes), task=task,
                     max_new_tokens=max_new_tokens, progress=False)
+
+
+class VectorData(L.LightningDataModule):
+    """64 random 4-vectors in batches of 2, for the guards' tiny Lightning runs (tests/callbacks)."""
+
+    shot_policy = None  # the DemoSampler callback hands its policy here
+
+    def train_dataloader(self):
+        return DataLoader([{"x": torch.randn(4)} for _ in range(64)], batch_size=2)

@@ -16,7 +16,7 @@ import torch
 
 from mmict.config import ConfigError, config_from_dict, load_config, save_config
 from mmict.config.extra_tasks import task_configs
-from mmict.eval.runner import run_eval
+from mmict.eval.runner import run_tasks
 from mmict.methods import METHODS
 from mmict.methods.base import check_checkpoint_backbone
 from mmict.toy.prepare import prepare as prepare_toy
@@ -67,14 +67,10 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
 
 
 def evaluate_tasks(module, cfg, eval_dir: Path, checkpoint: str | None = None) -> tuple[list[dict], str]:
-    """eval.task under `eval_dir`, then each of eval.extra_tasks under `eval_dir/<task>`; eval.task's rows and the
-    reports of all."""
-    extra = task_configs(cfg)  # an entry's bad override fails before the first task runs
-    rows, report, *_ = run_eval(module, cfg, eval_dir, checkpoint=checkpoint)
-    for task_cfg in extra:
-        _, more, *_ = run_eval(module, task_cfg, eval_dir / task_cfg.eval.task, checkpoint=checkpoint)
-        report += f"\n\n--- {task_cfg.eval.task} ---\n{more}"
-    return rows, report
+    """eval.task and each of eval.extra_tasks (`run_tasks`); eval.task's rows and the reports of all."""
+    outcomes = run_tasks(module, cfg, task_configs(cfg), eval_dir, checkpoint=checkpoint)
+    main = outcomes.pop(cfg.eval.task)
+    return main.rows, "".join([main.report, *(f"\n\n--- {task} ---\n{o.report}" for task, o in outcomes.items())])
 
 
 def shots_override(shots: str | None) -> list[str]:

@@ -251,6 +251,19 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     return EvalOutcome(rows, report, chance, task.metric, how, payload["skipped"])
 
 
+def run_tasks(module, cfg: DictConfig, task_cfgs: Sequence[DictConfig], out_dir: str | Path,
+              checkpoint: str | None = None, wandb_run: Any = None) -> dict[str, EvalOutcome]:
+    """`run_eval` on eval.task under `out_dir`, then on each further task's config (`task_cfgs`: eval.extra_tasks,
+    mmict/config/extra_tasks.py) under `out_dir/<task>` and the W&B prefix `eval_<task>`; the outcomes by task,
+    eval.task's first."""
+    outcomes = {cfg.eval.task: run_eval(module, cfg, out_dir, checkpoint=checkpoint, wandb_run=wandb_run)}
+    for task_cfg in task_cfgs:
+        task = task_cfg.eval.task
+        outcomes[task] = run_eval(module, task_cfg, Path(out_dir) / task, checkpoint=checkpoint, wandb_run=wandb_run,
+                                  wandb_prefix=f"eval_{task}")
+    return outcomes
+
+
 def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, drawn: dict,
              trained: dict[int, int] | None = None, skipped: str | None = None) -> list[str]:
     """The lines above a table that say how its numbers were made; `skipped`: the line saying what the queries and

@@ -8,7 +8,7 @@ import shlex
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from helpers import VectorData
 
 from callbacks.divergence_guard import DivergenceGuard, LossDivergedError
 from mmict.bookkeeping.resume import find_resume
@@ -51,13 +51,6 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class Data(L.LightningDataModule):
-    shot_policy = None  # the DemoSampler callback hands its policy here
-
-    def train_dataloader(self):
-        return DataLoader([{"x": torch.randn(4)} for _ in range(64)], batch_size=2)
-
-
 def _run(tmp_path, *extra: str):
     cfg = load_config("toy_aim", ["trainer.accelerator=cpu", "logger.wandb=false", "trainer.progress_bar=false",
                                   "trainer.checkpoint_every_n_steps=5", "trainer.max_steps=30",
@@ -72,7 +65,7 @@ def _run(tmp_path, *extra: str):
 def test_a_loss_that_stays_far_above_its_start_stops_the_run(tmp_path):
     _, trainer = _run(tmp_path)
     with pytest.raises(LossDivergedError) as info:
-        trainer.fit(Tiny(loss_from=12), datamodule=Data())
+        trainer.fit(Tiny(loss_from=12), datamodule=VectorData())
     msg = str(info.value)
     # The streak began at global_step 12 and reached patience 4 at global_step 15, before its update.
     assert trainer.global_step == 15 and "for 4 steps in a row" in msg and "began at global_step 12" in msg
@@ -93,7 +86,7 @@ def test_a_loss_that_stays_far_above_its_start_stops_the_run(tmp_path):
 def test_blown_up_weights_stop_the_run_at_once(tmp_path):
     _, trainer = _run(tmp_path)
     with pytest.raises(LossDivergedError) as info:
-        trainer.fit(Tiny(weights_at=7), datamodule=Data())
+        trainer.fit(Tiny(weights_at=7), datamodule=VectorData())
     msg = str(info.value)
     assert trainer.global_step == 7 and "the trained weights' norm is" in msg and "weight_factor" in msg
     assert "step000005.ckpt (step 5)" in msg
@@ -101,11 +94,11 @@ def test_blown_up_weights_stop_the_run_at_once(tmp_path):
 
 def test_a_healthy_run_and_a_disabled_guard_run_to_the_end(tmp_path):
     _, trainer = _run(tmp_path / "healthy")
-    trainer.fit(Tiny(), datamodule=Data())
+    trainer.fit(Tiny(), datamodule=VectorData())
     assert trainer.global_step == 30
     _, trainer = _run(tmp_path / "off", "trainer.divergence_guard=null")
     assert not [cb for cb in trainer.callbacks if isinstance(cb, DivergenceGuard)]
-    trainer.fit(Tiny(loss_from=12, weights_at=7), datamodule=Data())
+    trainer.fit(Tiny(loss_from=12, weights_at=7), datamodule=VectorData())
     assert trainer.global_step == 30
 
 

@@ -9,7 +9,7 @@ import shlex
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from helpers import VectorData
 
 from callbacks.nan_guard import NonFiniteLossError
 from mmict.bookkeeping.resume import find_resume
@@ -36,14 +36,6 @@ class Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class Data(L.LightningDataModule):
-    shot_policy = None  # the DemoSampler callback hands its policy here
-
-    def train_dataloader(self):
-        xs = [{"x": torch.randn(4)} for _ in range(64)]
-        return DataLoader(xs, batch_size=2)
-
-
 def _trainer(tmp_path):
     cfg = load_config("toy_aim", ["trainer.accelerator=cpu", "logger.wandb=false", "trainer.progress_bar=false",
                                   "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=20",
@@ -58,7 +50,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path, value):
     trainer = _trainer(tmp_path)
     module = Tiny(BAD_STEP, value)
     with pytest.raises(NonFiniteLossError) as info:
-        trainer.fit(module, datamodule=Data())
+        trainer.fit(module, datamodule=VectorData())
     msg = str(info.value)
     assert f"at training step {BAD_STEP} " in msg and f"global_step {BAD_STEP - 1}" in msg
     assert "last.ckpt" in msg and "(step 6)" in msg
@@ -79,7 +71,7 @@ def test_the_message_names_a_command_that_continues_from_the_checkpoint(tmp_path
     save_config(cfg, tmp_path / "config.yaml")  # as `mmict train` does in the run folder
     trainer, _ = build_trainer(cfg, tmp_path)
     with pytest.raises(NonFiniteLossError) as info:
-        trainer.fit(Tiny(BAD_STEP), datamodule=Data())
+        trainer.fit(Tiny(BAD_STEP), datamodule=VectorData())
     msg = str(info.value)
     last = tmp_path / "checkpoints" / "last.ckpt"
     command = shlex.split(msg[msg.index("mmict train"):])
@@ -93,7 +85,7 @@ def test_the_message_names_a_command_that_continues_from_the_checkpoint(tmp_path
 
 def test_finite_losses_run_to_the_end(tmp_path):
     trainer = _trainer(tmp_path)
-    trainer.fit(Tiny(bad_at=10_000), datamodule=Data())
+    trainer.fit(Tiny(bad_at=10_000), datamodule=VectorData())
     assert trainer.global_step == 20
 
 

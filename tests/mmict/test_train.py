@@ -200,17 +200,17 @@ def test_a_run_whose_evaluation_failed_is_evaluated_when_run_again(tmp_path, tin
     import mmict.train as train_module
 
     cfg = _small_run(tmp_path, tiny_backbone_dir)
-    real_eval = train_module.run_eval
+    real_eval = train_module.run_tasks
 
     def failing(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(train_module, "run_eval", failing)
+    monkeypatch.setattr(train_module, "run_tasks", failing)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         train(cfg)
     run = next((tmp_path / "runs" / "toy_aim").iterdir())
     assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "summary.json").exists()
-    monkeypatch.setattr(train_module, "run_eval", real_eval)
+    monkeypatch.setattr(train_module, "run_tasks", real_eval)
     fits = []
     monkeypatch.setattr(train_module.L.Trainer, "fit", lambda *a, **k: fits.append(1))
     with caplog.at_level("WARNING"):
