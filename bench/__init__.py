@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 # The modules whose import registers a benchmark, in the order `python -m bench` runs them.
-MODULES = ("bench.latency", "bench.floor", "bench.trainer_overhead", "bench.data", "bench.pool")
+MODULES = ("bench.latency", "bench.floor", "bench.trainer_overhead", "bench.data", "bench.pool", "bench.real_shapes",
+           "bench.eval_scaling")
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Context:
     repeats: int = 5  # timed repeats per measurement (after one warm-up), median reported
     workdir: Path = Path(".")  # scratch space (tiny models, the demo bank), removed after the run
     shared: dict[str, Any] = field(default_factory=dict)  # built models etc. reused by later benchmarks
+    shapes: tuple[str, ...] | None = None  # real_shapes: model shapes or groups (7b, reduced); None: by device
+    past_context: bool = False  # real_shapes: also run vanilla ICL past the LM's positions (a speed figure only)
+    budget_s: float | None = None  # real_shapes: cells left when this many seconds have passed are skipped
     log: Callable[[str], None] = print
 
 

@@ -1,4 +1,5 @@
-"""`python -m bench [--only latency,floor,lightning,data] [--quick] [--out bench/results.json]` (`make bench`).
+"""`python -m bench [--only latency,floor,lightning,data,pool,real_shapes] [--quick] [--shapes reduced]
+[--out bench/results.json]` (`make bench`).
 
 Runs the selected benchmarks in one process, prints their tables and the targets they check, and writes
 everything (rows, every repeat's time, targets, machine, versions) to the results file. A benchmark that is
@@ -67,13 +68,19 @@ def _summary(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="comma-separated benchmarks (default: all): latency,floor,lightning,data")
+    parser.add_argument("--only", help="comma-separated benchmarks (default: all; --list names them)")
     parser.add_argument("--quick", action="store_true", help="fewer shots and repeats (a minute or two on a CPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny images, 1 repeat: checks the harness only")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5; quick 3; smoke 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, the core count)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"results file (default {DEFAULT_OUT})")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--shapes", help="real_shapes: comma-separated shapes or groups (7b, reduced, smoke, "
+                                         "llava-1.5-7b, qwen2-vl-7b, ...); default 7b on a GPU, reduced on a CPU")
+    parser.add_argument("--past-context", action="store_true",
+                        help="real_shapes: also time vanilla ICL prompts longer than the LM's positions, labelled as a "
+                             "speed figure past the limit (never counted for a target)")
+    parser.add_argument("--budget", type=float, help="real_shapes: seconds after which the remaining cells are skipped")
     args = parser.parse_args(argv)
 
     import torch
@@ -90,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     names = _selected(args.only)
     repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 5)
     workdir = Path(tempfile.mkdtemp(prefix="mmict-bench-"))
-    ctx = Context(quick=args.quick, smoke=args.smoke, repeats=repeats, workdir=workdir)
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip()) if args.shapes else None
+    ctx = Context(quick=args.quick, smoke=args.smoke, repeats=repeats, workdir=workdir, shapes=shapes,
+                  past_context=args.past_context, budget_s=args.budget)
     payload: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),

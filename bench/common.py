@@ -227,22 +227,26 @@ class Env:
     """A tiny backbone, an AIM module over it, a demo pool and a query, built once per variant and run."""
 
     def __init__(self, ctx: Context, variant: str) -> None:
+        from mmict.backbones import load_backbone
+
+        spec = VARIANTS[variant]
+        folder = build_tiny(ctx.workdir / "models" / variant, variant)
+        self.attach(ctx, load_backbone(spec["family"], str(folder)), variant, spec["family"],
+                    spec.get("anyres", spec["image_size"]))
+
+    def attach(self, ctx: Context, backbone: Any, variant: str, family: str, side: int) -> None:
+        """An AIM module over `backbone`, random images of its processor's shapes for `side` x `side` pictures."""
         from PIL import Image as PILImage
 
-        from mmict.backbones import load_backbone
         from mmict.config import load_config
         from mmict.methods.aim.module import AIMModule
         from mmict.segments import Image
 
-        spec = VARIANTS[variant]
-        folder = build_tiny(ctx.workdir / "models" / variant, variant)
-        self.variant, self.family = variant, spec["family"]
-        self.backbone = load_backbone(spec["family"], str(folder))
-        cfg = load_config("toy_aim", [f"backbone.name_or_path={folder}", "backbone.toy=null",
-                                      f"backbone.family={spec['family']}"])
+        self.variant, self.family, self.backbone = variant, family, backbone
+        cfg = load_config("toy_aim", [f"backbone.name_or_path={backbone.name_or_path}", "backbone.toy=null",
+                                      f"backbone.family={family}"])
         self.module = AIMModule(cfg, backbone=self.backbone).eval()
         self.device = self.backbone.device
-        side = spec.get("anyres", spec["image_size"])
         template = self.backbone.image_transform(PILImage.new("RGB", (side, side), (120, 60, 30)))
         gen = torch.Generator().manual_seed(0)
 

@@ -7,6 +7,11 @@ makes the numbers comparable: the backbone and the data exactly as this run used
 loaded as they are, never rebuilt from a toy recipe), the seed, the evaluation settings and the logger (the
 same W&B project and group). A companion's own companions are dropped, so there are no chains.
 
+A method whose trained parts belong to one task (`task_specific`: LIVE's and MimIC's vectors are learnt from one
+task's k-shot teacher) is not evaluated on the run's other tasks: such a companion keeps the task its experiment
+names (one of the run's: eval.task or a further task, whose entry's overrides it gets), is evaluated on that task
+alone, and its rows join that task's section of the joint table.
+
 On W&B every experiment is a run of its own, all in one group (`wandb_group`: `logger.group`, else
 "<name>-<time>" of the run that has the companions): the run's W&B run ends after its own evaluation, each
 companion's after its own, and the joint table and plot (methods.md/json, methods_vs_shots.png) go to one more run
@@ -28,7 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from mmict.bookkeeping.folders import unique_path, write_text_unique
 from mmict.bookkeeping.slurm import format_value
 from mmict.config import ConfigError, load_config
+from mmict.config.checks import parse_extra_task
+from mmict.eval.ranks import Ranks
 from mmict.eval.runner import EvalOutcome, log_to_wandb, report_markdown
+from mmict.methods import method_class
 from mmict.plots import plot_score_vs_shots
 
 log = logging.getLogger(__name__)
@@ -43,10 +51,10 @@ SHARED_KEYS = ("backbone.family", "backbone.name_or_path", "backbone.dtype", "da
 def companion_configs(cfg: DictConfig) -> list[DictConfig]:
     """The configs of `cfg.eval.companions`, loaded now so that a bad name or override fails before this run
     trains."""
-    shared = [f"{key}={format_value(OmegaConf.select(cfg, key))}" for key in SHARED_KEYS]
     # The backbone and toy world exist by the time companions train: they are loaded as they are (a toy
     # recipe that differs from this run's must not rebuild them under this run's feet).
-    shared += ["backbone.toy=null", "data.toy=null", "eval.companions=[]"]
+    fixed = ["backbone.toy=null", "data.toy=null", "eval.companions=[]"]
+    extra = dict(parse_extra_task(spec) for spec in cfg.eval.extra_tasks)  # further task -> its entry's overrides
     configs = []
     for spec in cfg.eval.companions:
         name, *own = str(spec).split()
@@ -55,10 +63,27 @@ def companion_configs(cfg: DictConfig) -> list[DictConfig]:
             raise ConfigError(f"eval.companions: '{spec}' overrides {clash}, which a companion takes from the run "
                               f"it joins (so that the table compares like with like): {', '.join(SHARED_KEYS)}")
         try:
-            configs.append(load_config(name, [*own, *shared]))
+            keys, after = SHARED_KEYS, []
+            its = load_config(name, own)  # to learn its method and task
+            if task_specific(its.method.name):  # its own task, alone, with that task's entry's overrides
+                task = its.eval.task
+                if task != cfg.eval.task and task not in extra:
+                    raise ConfigError(
+                        f"{its.method.name}'s trained parts belong to its task ({task}), which this run does not "
+                        f"evaluate (eval.task={cfg.eval.task}, eval.extra_tasks: {sorted(extra) or 'none'}): add "
+                        f"{task} to eval.extra_tasks, or give the companion one of the run's tasks")
+                keys = tuple(k for k in SHARED_KEYS if k not in ("eval.task", "eval.extra_tasks"))
+                after = ["eval.extra_tasks=[]", *extra.get(task, [])]
+            shared = [f"{key}={format_value(OmegaConf.select(cfg, key))}" for key in keys]
+            configs.append(load_config(name, [*own, *shared, *fixed, *after]))
         except ConfigError as err:
             raise ConfigError(f"eval.companions: '{spec}': {err}") from None
     return configs
+
+
+def task_specific(method: str) -> bool:
+    """Whether `method`'s trained parts belong to the one task it was trained for (LIVE's, MimIC's vectors)."""
+    return bool(getattr(method_class(method), "task_specific", False))
 
 
 def wandb_group(cfg: DictConfig, run_dir: str | Path) -> str | None:
@@ -82,9 +107,10 @@ def merge_rows(rows: Sequence[dict], companion: str, others: Sequence[dict]) -> 
 
 
 def _numbers(row: dict) -> str:
-    """A row's measured values (all but its name and the peak memory, which varies run to run on a GPU)."""
-    return json.dumps({k: v for k, v in row.items() if k not in ("method", "peak_memory_mb")}, sort_keys=True,
-                      default=str)
+    """A row's measured values (all but its name and the timings: the peak memory and the time per query vary run
+    to run)."""
+    return json.dumps({k: v for k, v in row.items() if k not in ("method", "peak_memory_mb", "ms_per_query")},
+                      sort_keys=True, default=str)
 
 
 def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcomes: dict[str, EvalOutcome], eval_dir: Path,
@@ -109,7 +135,8 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcomes: dic
         runs[name] = summary["run_dir"]
         if not summary.get("eval"):
             log.warning("companion %s was not evaluated (eval.enabled=false in it?): it adds no rows", name)
-        theirs = {main: summary.get("eval") or [], **(summary.get("eval_tasks") or {})}
+        # its rows by task: its eval.task's (the run's, or a task-specific companion's own) and its further tasks'
+        theirs = {companion.eval.task: summary.get("eval") or [], **(summary.get("eval_tasks") or {})}
         rows = {task: merge_rows(mine, name, theirs.get(task) or []) for task, mine in rows.items()}
     merged = {task: o._replace(rows=rows[task], report=report_markdown(rows[task], o.chance, o.metric, o.how))
               for task, o in outcomes.items()}
@@ -117,6 +144,8 @@ def run_companions(cfg: DictConfig, configs: Sequence[DictConfig], outcomes: dic
                                "summary": rows[main], "companion_runs": runs, "wandb_group": wandb_group,
                                "extra_tasks": {task: {"metric": o.metric, "chance": o.chance, "summary": o.rows}
                                                for task, o in merged.items() if task != main}}
+    if not Ranks.current().main:  # each rank trained and evaluated the companions with this run; rank 0 writes
+        return merged, runs
     json_path = unique_path(eval_dir / "methods.json")
     json_path.write_text(json.dumps(payload, indent=2))
     sections = [f"## {task}\n\n{o.report}\n" for task, o in merged.items()] if len(merged) > 1 else \

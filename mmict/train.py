@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from callbacks import DemoSampler, RNGState, RunRecord, SignalCheckpoint, SkippedSamplesReport
 from callbacks.divergence_guard import DivergenceGuard
 from callbacks.nan_guard import NonFiniteLossGuard
+from callbacks.rank_trace import RankTrace
+from callbacks.rank_trace import enabled as rank_trace_enabled
 from callbacks.signals import StoppedBySignal, exit_code
 from data_modules.augment import transform_size
 from data_modules.shots import ShotPolicy
@@ -33,14 +35,22 @@ from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.web_corpus import WebCorpusDataModule
 from mmict.bookkeeping.folders import make_run_dir
-from mmict.bookkeeping.lock import RunLockedError
+from mmict.bookkeeping.lock import RunLockedError, launch_rank
 from mmict.bookkeeping.lock import acquire as lock_run_dir
 from mmict.bookkeeping.record import versions
-from mmict.bookkeeping.resume import FINISHED, find_resume, missed_validation, redo_validation
+from mmict.bookkeeping.resume import (
+    FINISHED,
+    find_resume,
+    missed_validation,
+    rank_zero_run,
+    redo_validation,
+    share_with_other_ranks,
+)
 from mmict.bookkeeping.slurm import default_run_dir, slurm_job_tag
 from mmict.companions import companion_configs, run_companions, wandb_group
 from mmict.config import ConfigError, load_config, save_config
 from mmict.config.extra_tasks import task_configs
+from mmict.eval.ranks import Ranks
 from mmict.eval.runner import run_tasks
 from mmict.eval.tasks import get_task
 from mmict.methods import METHODS
@@ -48,6 +58,7 @@ from mmict.methods.aim.shots import report as write_trained_shots
 from mmict.plots import keep_metrics_of_interrupted_run, plot_losses, read_metric
 from mmict.preflight import PreflightError, preflight, require
 from mmict.toy.prepare import prepare as prepare_toy
+from mmict.training.fsdp import is_sharded_checkpoint
 from mmict.training.precision import PrecisionDecision, apply_precision_policy, detect_hardware, resolve_precision
 
 log = logging.getLogger("mmict")
@@ -194,6 +205,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path,
     ]
     if tr.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=5))
+    if rank_trace_enabled():  # MMICT_RANK_TRACE: what each rank trained on, for checking multi-process runs
+        callbacks.append(RankTrace())
     trainer = L.Trainer(
         default_root_dir=run_dir, accelerator=tr.accelerator, devices=tr.devices, precision=precision,
         strategy=build_strategy(cfg, module, precision), num_nodes=tr.num_nodes, max_steps=tr.max_steps, max_epochs=-1,
@@ -217,6 +230,21 @@ def loss_summary(metrics_csv: Path, window: int = 5) -> dict[str, float] | None:
     return {"first": first, "last": last, "steps_first": points[w - 1][0], "steps_last": points[-w][0]}
 
 
+def fsdp_trained_module(cfg: DictConfig, ckpt: Path) -> Any:
+    """A whole module (backbone reloaded) with the weights an FSDP run saved in `ckpt`; None, with a warning saying
+    how to evaluate them, when they were saved sharded (a folder of shards)."""
+    if is_sharded_checkpoint(ckpt):
+        log.warning("trainer.strategy=fsdp saved the trained weights sharded (%s), so evaluation is not run here: "
+                    "consolidate them (`python -m lightning.pytorch.utilities.consolidate_checkpoint %s`) and run "
+                    "`mmict eval` on the result (trainer.devices=N evaluates on N GPUs)", ckpt, ckpt)
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module = METHODS[cfg.method.name](cfg)
+    module.load_state_dict(state["state_dict"])
+    module.on_load_checkpoint(state)
+    return module
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     # Effective precision and backbone dtype for this hardware, said out loud (before the backbone loads).
@@ -233,8 +261,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extra_tasks = task_configs(cfg) if cfg.eval.enabled else []  # likewise further tasks' overrides
     module = METHODS[cfg.method.name](cfg)
     pinned = default_run_dir(cfg)
-    resume = find_resume(cfg, pinned)
-    if resume is not None:
+    joined = rank_zero_run()  # a rank that Lightning started by running this command again: rank 0's run and resume
+    resume = joined[1] if joined is not None else find_resume(cfg, pinned)
+    if joined is not None:
+        run_dir = joined[0]
+        run_lock = lock_run_dir(run_dir)  # takes nothing off rank 0 (rank 0 holds the folder)
+    elif resume is not None:
         run_dir = resume.run_dir
         run_lock = lock_run_dir(run_dir)  # before anything is touched there: a second command refuses (lock.py)
         if resume.trained:
@@ -244,14 +276,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         else:
             log.warning("continuing the interrupted run %s from %s (resume=never starts a new run instead)", run_dir,
                         resume.checkpoint.name)
-        kept = keep_metrics_of_interrupted_run(run_dir / "logs")
+        # rank 0 alone moves it (SLURM starts every rank at once: two renames of one file, and one fails)
+        kept = keep_metrics_of_interrupted_run(run_dir / "logs") if launch_rank() == 0 else None
         if kept is not None:
             log.info("the interrupted run's metrics stay in %s", kept)
     else:
         run_dir = make_run_dir(cfg.run_root, cfg.name, pinned)
         run_lock = lock_run_dir(run_dir)
         save_config(cfg, run_dir / "config.yaml")
-    write_runtime(run_dir, precision)
+    share_with_other_ranks(run_dir, resume)
+    if launch_rank() == 0:  # the run folder's files are rank 0's: the other ranks share the folder
+        write_runtime(run_dir, precision)
     log.info("run folder: %s", run_dir)
 
     datamodule = build_datamodule(cfg, module.backbone.image_transform, module.backbone.tokenizer)
@@ -264,7 +299,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         before = json.loads(before_file.read_text())
     else:
         before = trainer.validate(module, datamodule=datamodule, verbose=False) if has_val else []
-        before_file.write_text(json.dumps(before))
+        if trainer.is_global_zero:
+            before_file.write_text(json.dumps(before))
     missed = missed_validation(resume, tr.val_check_interval) if resume is not None and any(before) else None
     if missed is not None:  # Lightning would go on as if the validation the interruption cut short had run
         log.warning("the interrupted run's validation at step %d never finished: running it now", missed)
@@ -298,19 +334,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics_csv = run_dir / "logs" / "metrics.csv"
     if metrics_csv.exists():
         summary["loss"] = loss_summary(metrics_csv)
-        plot_losses(metrics_csv, run_dir / "loss.png")
-    if cfg.eval.enabled and not trainer.is_global_zero:
-        log.info("evaluation runs on global rank 0 only")
-    elif cfg.eval.enabled and cfg.trainer.strategy == "fsdp":
-        log.warning("trainer.strategy=fsdp: the trained weights are sharded over the GPUs, so evaluation is not run "
-                    "here: run `mmict eval %s` (a sharded checkpoint folder: consolidate it first with `python -m "
-                    "lightning.pytorch.utilities.consolidate_checkpoint <folder>`)",
-                    run_dir / "checkpoints" / "last.ckpt")
-    elif cfg.eval.enabled:
+        if trainer.is_global_zero:
+            plot_losses(metrics_csv, run_dir / "loss.png")
+    if cfg.eval.enabled and cfg.trainer.strategy == "fsdp":
+        # FSDP wrapped the module's parts in place: evaluate a fresh, whole module with the trained weights (every rank
+        # holds one and evaluates its share of the batches), or say how to when they were saved sharded
+        module = fsdp_trained_module(cfg, run_dir / "checkpoints" / "last.ckpt")
+    if cfg.eval.enabled and module is not None:
+        # Every process the Trainer started evaluates its share of the batches (mmict.eval.ranks); rank 0 writes. The
+        # Trainer's teardown put the module back on the CPU: evaluation runs on this rank's device.
+        ranks = Ranks.current(trainer.strategy.root_device)
+        module.to(ranks.device)
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         # eval.task, then the same weights on each further task (eval/<task>/)
         outcomes = run_tasks(module, cfg, extra_tasks, run_dir / "eval",
-                             checkpoint=str(run_dir / "checkpoints" / "last.ckpt"), wandb_run=wandb_run)
+                             checkpoint=str(run_dir / "checkpoints" / "last.ckpt"), wandb_run=wandb_run, ranks=ranks)
         # This run's W&B run ends before any companion starts: each companion is a W&B run of its own, in this run's
         # group, and the joint table goes to one more run of the group (mmict/companions.py).
         finish_wandb(trainer.loggers)
@@ -326,10 +364,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["eval_tasks"] = {task: o.rows for task, o in outcomes.items() if task != cfg.eval.task}
             summary["eval_task_reports"] = {task: o.report for task, o in outcomes.items() if task != cfg.eval.task}
     finish_wandb(trainer.loggers)
-    # The mark of a finished run: `resume=auto` never continues it.
-    (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
+    if trainer.is_global_zero:  # rank 0's run folder: the other ranks neither mark it finished nor report it
+        # The mark of a finished run: `resume=auto` never continues it.
+        (run_dir / FINISHED).write_text(json.dumps(summary, indent=2, default=str))
     run_lock.release()
-    print_summary(summary)
+    if trainer.is_global_zero:
+        print_summary(summary)
     return summary
 
 

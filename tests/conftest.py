@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one pytest-xdist worker per core: one thread each, or
+    import torch  # noqa: E402  (the workers' intra-op threads would fight over the same cores)
+
+    torch.set_num_threads(1)
+
 from helpers import TINY_TOY  # noqa: E402  (tests/ is on sys.path: pytest puts conftest's folder there)
 
 

@@ -231,6 +231,11 @@ def _validate(namespace: argparse.Namespace, where: str) -> None:
             if converter.splits:
                 assert ns["split"] in converter.splits, (
                     f"{where}: {ns['dataset']} --split must be one of {converter.splits}, not {ns['split']!r}")
+        elif ns.get("only") and "steps" in ns:  # python -m bench.gpu_checks --only a,b: its sections
+            from bench.gpu_checks import SECTIONS
+
+            unknown = [n for n in ns["only"].split(",") if n.strip() and n.strip() not in SECTIONS]
+            assert not unknown, f"{where}: unknown gpu_checks section(s) {unknown}; available: {list(SECTIONS)}"
         elif ns.get("only") and "quick" in ns:  # python -m bench --only a,b
             from bench import REGISTRY
             from bench.__main__ import load_registry

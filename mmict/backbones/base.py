@@ -49,6 +49,7 @@ class Backbone(nn.Module):
     # Linear layers of the language model that LoRA adapts (the fine-tuning baseline), per family.
     lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     image_transform_class: type[ImageTransform] = ImageTransform  # a family may slice processor outputs its way
+    vision_cache: Any = None  # a VisionCache while an evaluation runs (`attach_vision_cache`), else None
 
     @classmethod
     def load_processors(cls, name_or_path: str) -> tuple[Any, Any]:
@@ -112,6 +113,11 @@ class Backbone(nn.Module):
     def decoder_layer_cls(self) -> type[nn.Module]:
         """The LM's decoder layer class (FSDP wrapping and activation checkpointing unit)."""
         return type(self.language_model.layers[0])
+
+    def attention_layers(self) -> list[nn.Module]:
+        """The LM's transformer layers whose self-attention attends over the prompt, in order (MimIC's per-head shift
+        sits before their attention's output projection: `mmict.backbones.head_shift`)."""
+        return list(self.language_model.layers)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -379,6 +385,11 @@ class Backbone(nn.Module):
     def _embed_image_list(self, images: list[Pixels]) -> list[torch.Tensor]:
         if not images:
             return []
+        if self.vision_cache is not None:  # evaluation's (mmict.backbones.vision_cache); it steps aside under grad
+            return self.vision_cache.embed(images, self._encode_images)
+        return self._encode_images(images)
+
+    def _encode_images(self, images: list[Pixels]) -> list[torch.Tensor]:
         moved = [self.to_model(img) for img in images]
         embeds = self.embed_images(moved)
         if len(embeds) != len(images):

@@ -97,6 +97,11 @@ class Blip2Backbone(Backbone):
         lm = self.language_model
         return type(lm.encoder.block[0]) if self.is_encoder_decoder else type(lm.model.decoder.layers[0])
 
+    def attention_layers(self) -> list[nn.Module]:
+        # Flan-T5: the encoder's blocks, which attend over the prompt (a teacher's demos too); the decoder: the answer.
+        lm = self.language_model
+        return list(lm.encoder.block) if self.is_encoder_decoder else list(lm.model.decoder.layers)
+
     def embed_images(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         out = self.model.get_image_features(pixel_values=self.stack_same_shape(images), return_dict=True)
         return list(out.pooler_output)  # (num_query_tokens, D) each: Q-Former queries through language_projection

@@ -1,6 +1,7 @@
 """`mmict compare RUN_DIR...`: the runs' comparison table, offline, from their folders.
 
-The same numbers the W&B dashboard groups (method, backbone, shots, losses, eval score per shot count),
+The same numbers the W&B dashboard groups (method, backbone, shots, losses, eval score per shot count, and what
+each evaluated method costs per query: context tokens and milliseconds, per shot count),
 read from what every run writes: `config.yaml`, `logs/metrics.csv`, `eval/results.json` and `runtime.json`.
 A folder that is not a run itself (a sweep folder, `runs/<exp>/`) stands for every run below it. Config keys
 that differ between the runs (the grid axes of a sweep) get their own columns.
@@ -129,7 +130,7 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str
     metric = metrics.pop() if len(metrics) == 1 else "score"
     base = _common_prefix([r["run_dir"] for r in runs]) if len(runs) > 1 else None
     columns = ["run", "method", "backbone", "train shots", "seed", *varying, "steps", "train loss", "val loss",
-               "commit", "eval", "protocol", *[f"{metric}@{k}" for k in shot_counts]]
+               "commit", "eval", "protocol", *[f"{metric}@{k}" for k in shot_counts], "context tokens", "ms / query"]
     rows: list[dict[str, Any]] = []
     for r in runs:
         flat = r["flat"]
@@ -149,6 +150,10 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str
         for mode in modes:
             row = {**common, "eval": mode}
             row["protocol"] = (r["results"] or {}).get("protocol_label", "unrecorded (before eval.protocol)")
+            # what each shot count of this method costs per query: "shots:value" pairs (a timing: run-to-run noise)
+            mine = [s for s in summary if s["method"] == mode]
+            row["context tokens"] = _per_shots(mine, "context_tokens", ".0f")
+            row["ms / query"] = _per_shots(mine, "ms_per_query", ".1f")
             for s in summary:
                 if s["method"] != mode:
                     continue
@@ -159,6 +164,12 @@ def compare(runs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str
                                                           s.get("seeds", 1))
             rows.append(row)
     return columns, rows
+
+
+def _per_shots(rows: Sequence[Mapping[str, Any]], key: str, spec: str) -> str | None:
+    """"0:20 2:62 8:188": `key` of each shot count's summary row (None where nothing was measured)."""
+    pairs = [f"{int(r['shots'])}:{format(r[key], spec)}" for r in rows if r.get(key) is not None]
+    return " ".join(pairs) or None
 
 
 def _cell(value: Any) -> str:

@@ -17,9 +17,11 @@ run again before training continues (`missed_validation`), so the curve has no h
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,32 @@ def _explicit(path: Path) -> Resume:
             raise ConfigError(f"resume={path}: the run folder has no loadable checkpoint (checkpoints/*.ckpt)")
         return Resume(path, found[0], step=found[1])
     raise ConfigError(f"resume={path}: no such checkpoint or run folder (use auto, never, a .ckpt or a run folder)")
+
+
+# Lightning's launcher for several devices on one machine (no SLURM, no torchrun) starts ranks 1.. by running the same
+# command again once rank 0 trains. Each would otherwise pick its own run folder (a new timestamp) and its own resume
+# decision: so rank 0 leaves both here, in the environment those processes inherit.
+RANK_ZERO_RUN_ENV = "MMICT_RANK_ZERO_RUN"
+
+
+def share_with_other_ranks(run_dir: Path, resume: Resume | None) -> None:
+    """Rank 0: tell the ranks Lightning will start by re-running this command which run folder and checkpoint to use."""
+    if launch_rank() == 0:
+        os.environ[RANK_ZERO_RUN_ENV] = json.dumps({"run_dir": str(run_dir), "resume": None if resume is None else {
+            **asdict(resume), "run_dir": str(resume.run_dir), "checkpoint": str(resume.checkpoint)}})
+
+
+def rank_zero_run() -> tuple[Path, Resume | None] | None:
+    """Ranks above 0 that rank 0 started: (its run folder, its resume decision); None elsewhere (rank 0, SLURM tasks,
+    whose folder is pinned per job and which each decide the same from the same files)."""
+    shared = os.environ.get(RANK_ZERO_RUN_ENV)
+    if launch_rank() == 0 or not shared:
+        return None
+    run = json.loads(shared)
+    found = run["resume"]
+    resume = None if found is None else Resume(**{**found, "run_dir": Path(found["run_dir"]),
+                                                  "checkpoint": Path(found["checkpoint"])})
+    return Path(run["run_dir"]), resume
 
 
 def missed_validation(resume: Resume, val_check_interval: int) -> int | None:

@@ -18,6 +18,12 @@
 - all runs of a sweep share a W&B group (the sweep id) and the tags `sweep`, the experiment name and the
   sweep id, so the dashboard groups and compares them; `mmict compare <sweep folder>` does it offline.
 
+`mmict sweep --eval CKPT 'eval.seeds=[[0],[1],[2]]' 'eval.shots=[[4],[8]]'` fans one checkpoint's evaluation out
+instead: each array task runs `srun python -m mmict.eval CKPT <its overrides> --out <its folder>` (its processes
+share its batches, `mmict.eval.ranks`), writing config.yaml and eval/results.json into its folder, so
+`mmict compare <sweep folder>` tables every trial side by side. Points are validated against the checkpoint's
+config.
+
 `lightning run` no longer exists (Lightning >= 2.5); `sbatch` + `srun python -m mmict.train` with
 Lightning's SLURMEnvironment (ranks from SLURM_PROCID / SLURM_LOCALID / SLURM_NODEID) replaces it.
 """
@@ -42,7 +48,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mmict.config import ConfigError, key_takes_list, load_config
+from mmict.config import ConfigError, config_from_dict, key_takes_list, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,6 +158,17 @@ class Sweep:
     trainer_devices: int
     tags: list[str]
     command: str = ""
+    checkpoint: str | None = None  # an evaluation sweep of this checkpoint (`mmict.eval`) instead of training runs
+
+    @property
+    def entry(self) -> str:
+        """What each array task runs: `python -m mmict.train EXP` or `python -m mmict.eval CKPT`."""
+        return f"mmict.eval {shlex.quote(self.checkpoint)}" if self.checkpoint else \
+            f"mmict.train {shlex.quote(self.experiment)}"
+
+    def folder_args(self, point: SweepPoint) -> list[str]:
+        """How a task is pointed at its folder: `run_dir=` (training) or `--out` (evaluation)."""
+        return ["--out", str(point.run_dir)] if self.checkpoint else [f"run_dir={point.run_dir}"]
 
     @property
     def script_path(self) -> Path:
@@ -170,19 +187,38 @@ class Sweep:
                 f"logger.group={self.sweep_id}", f"logger.tags={format_value(self.tags)}"]
 
 
-def plan_sweep(experiment: str, items: Sequence[str], *, now: datetime | None = None,
-               experiments_dir: str | Path | None = None, command: str = "") -> Sweep:
-    """Parse the grid, validate every point's config, and lay out the sweep folder (nothing is written)."""
+def checkpoint_config(checkpoint: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config a checkpoint was trained with, `overrides` applied (as `mmict eval CKPT key=value` builds it)."""
+    import torch
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"--eval {path}: no such checkpoint file (runs keep theirs in runs/<exp>/<time>/checkpoints)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return config_from_dict(state["hyper_parameters"]["config"], overrides)
+
+
+def plan_sweep(experiment: str | None, items: Sequence[str], *, now: datetime | None = None,
+               experiments_dir: str | Path | None = None, command: str = "", checkpoint: str | None = None) -> Sweep:
+    """Parse the grid, validate every point's config, and lay out the sweep folder (nothing is written).
+    `checkpoint`: an evaluation sweep of it (each point's config is the checkpoint's with the point's overrides)."""
     grid = parse_grid(items)
-    base = load_config(experiment, grid.fixed, experiments_dir=experiments_dir)
+
+    def config(overrides: Sequence[str]) -> DictConfig:
+        if checkpoint is not None:
+            return checkpoint_config(checkpoint, overrides)
+        return load_config(experiment, overrides, experiments_dir=experiments_dir)
+
+    base = config(grid.fixed)
     points = grid.points()
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    sweep_id = f"{base.name}-{stamp}"
-    sweep_dir = (Path(base.run_root) / "sweeps" / base.name / stamp).absolute()
+    name = f"{base.name}-eval" if checkpoint is not None else base.name
+    sweep_id = f"{name}-{stamp}"
+    sweep_dir = (Path(base.run_root) / "sweeps" / name / stamp).absolute()
     out: list[SweepPoint] = []
     for i, point in enumerate(points):
         try:
-            load_config(experiment, [*grid.fixed, *point], experiments_dir=experiments_dir)
+            config([*grid.fixed, *point])
         except ConfigError as err:
             raise ConfigError(f"grid point {i} ({' '.join(point)}): {err}") from None
         out.append(SweepPoint(i, point, sweep_dir / "runs" / f"{i:03d}_{_slug(point)}"))
@@ -190,12 +226,14 @@ def plan_sweep(experiment: str, items: Sequence[str], *, now: datetime | None = 
     assert isinstance(slurm, dict)
     exp = str(Path(experiment).absolute()) if str(experiment).endswith((".yaml", ".yml")) else str(experiment)
     tags = list(dict.fromkeys([*base.logger.tags, "sweep", base.name, sweep_id]))
-    return Sweep(exp, base.name, sweep_id, sweep_dir, grid, out, slurm, int(slurm["gpus_per_node"]), tags,
-                 command or _command_line(experiment, items))
+    ckpt = str(Path(checkpoint).absolute()) if checkpoint is not None else None
+    return Sweep(exp, name, sweep_id, sweep_dir, grid, out, slurm, int(slurm["gpus_per_node"]), tags,
+                 command or _command_line(experiment, items, checkpoint), checkpoint=ckpt)
 
 
-def _command_line(experiment: str, items: Sequence[str]) -> str:
-    return " ".join(["mmict", "sweep", shlex.quote(str(experiment)), *map(shlex.quote, items)])
+def _command_line(experiment: str | None, items: Sequence[str], checkpoint: str | None = None) -> str:
+    head = ["--eval", str(checkpoint)] if checkpoint is not None else [str(experiment)]
+    return " ".join(["mmict", "sweep", *map(shlex.quote, head), *map(shlex.quote, items)])
 
 
 def sbatch_header(slurm: Mapping[str, Any], job_name: str, array: str, output: str) -> list[str]:
@@ -222,7 +260,8 @@ def render_sbatch(sweep: Sweep) -> str:
         *( [f"# fixed settings: {' '.join(sweep.grid.fixed)}"] if sweep.grid.fixed else []),
         f"# made by: {sweep.command}",
         f"# submit:  sbatch {sweep.script_path}",
-        "# Each array task trains one grid point: srun starts one process per GPU and Lightning's SLURMEnvironment",
+        "# Each array task " + ("evaluates the checkpoint at" if sweep.checkpoint else "trains") + " one grid point: "
+        "srun starts one process per GPU and Lightning's SLURMEnvironment",
         "# reads the ranks from SLURM. SIGUSR1 (sent 90 s before the time limit) makes Lightning save",
         "# hpc_ckpt_N.ckpt in the run folder and requeue the task, which re-runs this command and resumes.",
         *sbatch_header(sweep.slurm, f"mmict-{sweep.name}", array, str(sweep.log_dir / "%A_%a.out")),
@@ -235,7 +274,7 @@ def render_sbatch(sweep: Sweep) -> str:
         'case "${SLURM_ARRAY_TASK_ID:?submit this script with sbatch: it is a job array}" in',
     ]
     for p in sweep.points:
-        args = " ".join(shlex.quote(a) for a in [*p.overrides, f"run_dir={p.run_dir}"])
+        args = " ".join(shlex.quote(a) for a in [*p.overrides, *sweep.folder_args(p)])
         lines.append(f"  {p.index}) POINT=({args}) ;;")
     lines += [
         f'  *) echo "array index $SLURM_ARRAY_TASK_ID is not a grid point (0-{n - 1})" >&2; exit 2 ;;',
@@ -243,7 +282,7 @@ def render_sbatch(sweep: Sweep) -> str:
         "",
         'echo "[$(date)] $SLURM_JOB_NAME task $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
         '$(hostname): ${POINT[*]}"',
-        f"srun {shlex.quote(str(sweep.slurm['python']))} -m mmict.train {shlex.quote(sweep.experiment)} "
+        f"srun {shlex.quote(str(sweep.slurm['python']))} -m {sweep.entry} "
         '"${POINT[@]}" \\',
         *[f"    {shlex.quote(a)} \\" for a in sweep.common_overrides()[:-1]],
         f"    {shlex.quote(sweep.common_overrides()[-1])}",
@@ -255,6 +294,7 @@ def render_sbatch(sweep: Sweep) -> str:
 def grid_json(sweep: Sweep) -> dict[str, Any]:
     return {
         "sweep_id": sweep.sweep_id, "experiment": sweep.experiment, "name": sweep.name, "command": sweep.command,
+        "checkpoint": sweep.checkpoint,
         "created": datetime.now().isoformat(timespec="seconds"),
         "axes": {k: v for k, v in sweep.grid.axes}, "fixed": sweep.grid.fixed,
         "common_overrides": sweep.common_overrides(), "wandb": {"group": sweep.sweep_id, "tags": sweep.tags},
@@ -317,12 +357,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="mmict sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write (and optionally submit) a SLURM job array with one task per grid point.",
         epilog="example: mmict sweep aim_okvqa 'data.shots=[4,8,16]' 'seed=[1,2,3]' slurm.partition=gpu --dry-run")
-    parser.add_argument("experiment", help="name under experiments/ or a yaml path")
+    parser.add_argument("experiment", nargs="?", help="name under experiments/ or a yaml path (not with --eval)")
     parser.add_argument("grid", nargs="*", help="key=[a,b,...] (a grid axis) or key=value (every run)")
+    parser.add_argument("--eval", metavar="CKPT", help="fan this checkpoint's evaluation out instead of training "
+                        "(e.g. 'eval.seeds=[[0],[1],[2]]'): one `mmict eval` per array task")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script, write nothing")
     parser.add_argument("--submit", action="store_true", help="run sbatch on the written script")
-    args = parser.parse_args(argv)
-    sweep = plan_sweep(args.experiment, args.grid)
+    args = parser.parse_intermixed_args(argv)
+    if args.eval and args.experiment and "=" in args.experiment:  # no experiment with --eval: a grid item
+        args.grid, args.experiment = [args.experiment, *args.grid], None
+    if bool(args.eval) == bool(args.experiment):
+        parser.error("give an experiment to train, or --eval CKPT to evaluate a checkpoint (not both)")
+    sweep = plan_sweep(args.experiment, args.grid, checkpoint=args.eval)
     if args.dry_run:
         print(render_sbatch(sweep))
         print(f"# dry run: {len(sweep.points)} run(s); would write {sweep.script_path} and grid.json",

@@ -57,6 +57,7 @@ AT_LEAST_ZERO: tuple[tuple[str, str], ...] = (
     ("data.shuffle_buffer", "episodes in the shuffle buffer (0: no shuffling)"),
     ("data.val_episodes", "validation episodes"),
     ("data.min_image_size", "pixels"),
+    ("eval.vision_cache.max_mb", "MB of image features held in memory (0: none, disk only)"),
     ("optim.warmup_steps", "steps"),
     ("optim.weight_decay", "a decay factor"),
     ("trainer.limit_val_batches", "validation batches (0: no validation)"),

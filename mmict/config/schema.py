@@ -165,13 +165,48 @@ class MMICTConfig:
 
 
 @dataclass
+class LiveConfig:
+    """LIVE (Peng et al. NeurIPS'24, ForJadeForest/LIVE-Learnable-In-Context-Vector): a learnt vector per LM layer
+    added to the query's hidden states; the teacher's shots are `data.shots` (docs/methods.md#live)."""
+
+    site: str = "layer"  # what is shifted: layer (a decoder layer's output) | mlp (its MLP's; the reference, Idefics2)
+    preserve_norm: bool = True  # rescale each shifted state to its old norm (the reference's)
+    alpha_init: float = 0.1  # per-layer scale's start (the README's recipe; its config default is 0.0)
+    alpha_sigmoid: bool = False  # scale = sigmoid(alpha) (the README's recipe: off)
+    alpha_learnable: bool = True
+    alpha_lr: float = 1.0e-2  # the scales' learning rate; the vectors' is optim.lr
+    vector_init_std: float = 0.01  # vectors start ~ N(0, std^2)
+    gt_weight: float = 0.5  # ground-truth cross-entropy weight beside the KL (the reference's hard_loss_weight)
+    temperature: float = 1.0  # KL temperature (the reference's init_temperature, not decayed in its recipe)
+    kl_eps: float = 1.0e-6  # added to both distributions before the log (the reference's kl_eps)
+    # Where the KL compares teacher and student: target (the logits that predict the answer's tokens) or reference
+    # (the logits at the answer's own positions, as the reference's mask does: one position later).
+    kl_positions: str = "target"
+
+
+@dataclass
+class MimICConfig:
+    """MimIC (Kamichanw/MimIC): learnt per-head, query-dependent shifts before each attention output projection;
+    the teacher's shots are the training episodes' demos, `data.shots` (docs/methods.md#mimic)."""
+
+    ce_loss_weight: float = 0.5  # the reference's src/config/peft/mimic.yaml
+    align_loss_weight: float = 1.0  # on the layer-wise MSE of the feed-forward outputs at the query's positions
+    teacher_demo_mode: str = "images"  # how the teacher sees the demos: images (vanilla ICL) | text
+    # The gate's normaliser over the query's own keys: false = every key of the sequence (the reference's), true =
+    # keys up to the query's position (what its attention sees).
+    causal_normaliser: bool = False
+
+
+@dataclass
 class MethodConfig:
-    name: str = "aim"  # aim | finetune | mmict
+    name: str = "aim"  # aim | finetune | mmict | live | mimic
     # How demonstrations enter the prompt (MMICT): fused (M-Hub text features), concat (vanilla ICT: visual
     # features + demo text), text (demo text only), none (vanilla fine-tune). AIM's own is fused.
     demo_design: str = "fused"
     aim: AIMConfig = field(default_factory=AIMConfig)
     mmict: MMICTConfig = field(default_factory=MMICTConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
+    mimic: MimICConfig = field(default_factory=MimICConfig)
 
 
 @dataclass
@@ -328,6 +363,16 @@ class BankConfig:
 
 
 @dataclass
+class VisionCacheConfig:
+    """Evaluation's cache of each image's frozen vision-path output (mmict/backbones/vision_cache.py): an image shown
+    again (a demo in another trial, seed or shot count, a query in another demo mode) is not encoded again."""
+
+    enabled: bool = True
+    max_mb: float = 1024.0  # features held in memory, on the model's device (least recently used dropped first)
+    dir: Optional[str] = None  # also kept on disk here, across runs (one folder per backbone key); null: memory only
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     # The named preset that pins every setting that moves a number (mmict/eval/protocol.py, docs/evaluation.md):
@@ -369,6 +414,7 @@ class EvalConfig:
     # vanilla ICT), none; null: the method's own (AIM: fused, images, text; MMICT: its demo_design).
     demo_modes: Optional[list[str]] = None
     bank: BankConfig = field(default_factory=BankConfig)
+    vision_cache: VisionCacheConfig = field(default_factory=VisionCacheConfig)
     # Experiments trained and evaluated after this run, on its backbone, data root and evaluation settings;
     # their rows join this run's table (mmict/companions.py). toy_aim adds MMICT this way.
     companions: list[str] = field(default_factory=list)

@@ -4,11 +4,16 @@ With a checkpoint: its experiment config (overrides on top), the frozen backbone
 `backbone.name_or_path`, the report next to the checkpoint's run folder. Without one (`--exp`): the
 training-free baselines of an experiment on its frozen backbone (zero-shot, vanilla ICL, text-only
 demos), reported under `runs/<exp>/eval-<time>/`; the fused demo mode needs a trained checkpoint.
+
+Evaluation runs on `trainer.accelerator` with `trainer.devices` processes per node (`trainer.num_nodes` nodes),
+started by Lightning as training's are (`srun`, `torchrun`, or `trainer.devices=N` here, CPU included): the
+batches are dealt to the processes and the numbers are those of one process (`mmict.eval.ranks`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -16,19 +21,24 @@ import torch
 
 from mmict.config import ConfigError, config_from_dict, load_config, save_config
 from mmict.config.extra_tasks import task_configs
+from mmict.eval.ranks import Ranks, launch
 from mmict.eval.runner import run_tasks
 from mmict.methods import METHODS
 from mmict.methods.base import check_checkpoint_backbone
 from mmict.toy.prepare import prepare as prepare_toy
 
 
-def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
+def evaluate_checkpoint(ckpt: str | Path, overrides: list[str], out: str | Path | None = None) -> list[dict]:
+    """The checkpoint's evaluation, reported under its run folder's eval/ or, with `out` (an array task of
+    `mmict sweep --eval`), under `out/eval` with the evaluation's config in `out/config.yaml` (`mmict compare`)."""
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist (runs keep theirs in runs/<exp>/<time>/checkpoints)")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     cfg = config_from_dict(state["hyper_parameters"]["config"], overrides)
-    prepare_toy(cfg)  # a toy run's world and backbone, rebuilt from their recipes if this machine lacks them
+    ranks = launch_for(cfg)
+    # a toy run's world and backbone, rebuilt from their recipes if this machine lacks them (by rank 0 alone)
+    ranks.main_first(lambda: prepare_toy(cfg))
     module = METHODS[cfg.method.name](cfg)
     check_checkpoint_backbone(state, module.backbone)
     module.load_state_dict(state["state_dict"])
@@ -36,9 +46,15 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str]) -> list[dict]:
     # weights (AIM: the shots it was trained on, for the table's header; MMICT: a warning when the checkpoint's
     # query-text setting differs from the config's).
     module.on_load_checkpoint(state)
+    module.to(ranks.device)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    rows, report = evaluate_tasks(module, cfg, run_dir / "eval", checkpoint=str(ckpt))
-    print(report)
+    if out is not None:
+        run_dir = Path(out)
+        if ranks.main and not (run_dir / "config.yaml").exists():  # a requeued task keeps its folder's
+            save_config(cfg, run_dir / "config.yaml")
+    rows, report = evaluate_tasks(module, cfg, run_dir / "eval", checkpoint=str(ckpt), ranks=ranks)
+    if ranks.main:
+        print(report)
     return rows
 
 
@@ -57,18 +73,30 @@ def evaluate_baselines(experiment: str, overrides: list[str]) -> list[dict]:
             "checkpoint (mmict eval runs/<exp>/<time>/checkpoints/last.ckpt), or evaluate the training-free "
             "baselines with eval.demo_modes=[images,text]"
         )
-    prepare_toy(cfg)
+    ranks = launch_for(cfg)
+    ranks.main_first(lambda: prepare_toy(cfg))
     module = METHODS[cfg.method.name](cfg)  # loads the backbone first: missing weights fail before any folder
-    run_dir = make_run_dir(cfg.run_root, cfg.name)
-    save_config(cfg, run_dir / "config.yaml")
-    rows, report = evaluate_tasks(module, cfg, run_dir / "eval")
-    print(f"{report}\n\nreport: {run_dir / 'eval'}")
+    module.to(ranks.device)
+    run_dir = ranks.broadcast(make_run_dir(cfg.run_root, cfg.name) if ranks.main else None)
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+    rows, report = evaluate_tasks(module, cfg, run_dir / "eval", ranks=ranks)
+    if ranks.main:
+        print(f"{report}\n\nreport: {run_dir / 'eval'}")
     return rows
 
 
-def evaluate_tasks(module, cfg, eval_dir: Path, checkpoint: str | None = None) -> tuple[list[dict], str]:
+def launch_for(cfg) -> Ranks:
+    """The evaluation's processes (`trainer.accelerator`, `trainer.devices`, `trainer.num_nodes`), started by
+    Lightning; this one's rank and device."""
+    tr = cfg.trainer
+    return launch(tr.accelerator, tr.devices, tr.num_nodes)
+
+
+def evaluate_tasks(module, cfg, eval_dir: Path, checkpoint: str | None = None,
+                   ranks: Ranks | None = None) -> tuple[list[dict], str]:
     """eval.task and each of eval.extra_tasks (`run_tasks`); eval.task's rows and the reports of all."""
-    outcomes = run_tasks(module, cfg, task_configs(cfg), eval_dir, checkpoint=checkpoint)
+    outcomes = run_tasks(module, cfg, task_configs(cfg), eval_dir, checkpoint=checkpoint, ranks=ranks)
     main = outcomes.pop(cfg.eval.task)
     return main.rows, "".join([main.report, *(f"\n\n--- {task} ---\n{o.report}" for task, o in outcomes.items())])
 
@@ -90,15 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", nargs="?", help="a trained checkpoint (its run's config is used)")
     parser.add_argument("--exp", help="without a checkpoint: evaluate this experiment's training-free baselines")
     parser.add_argument("--shots", help="comma-separated shot counts, e.g. 0,4,8,16,32 (= eval.shots=[...])")
+    parser.add_argument("--out", help="with a checkpoint: report into this folder (config.yaml, eval/) instead of "
+                        "the checkpoint's run folder (`mmict sweep --eval` gives each array task one)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.seeds=[0,1,2]")
     # intermixed: `make eval CKPT=... SHOTS=0,4 ARGS="eval.seeds=[0]"` puts the overrides after --shots, which
     # plain parse_args refuses ("unrecognized arguments") once the positionals were filled before --shots.
     args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as mmict train
     overrides = args.overrides + shots_override(args.shots)
     if args.checkpoint and "=" in args.checkpoint:  # `mmict eval eval.shots=[0]` with --exp: not a path
         overrides, args.checkpoint = [args.checkpoint, *overrides], None
     if args.checkpoint:
-        evaluate_checkpoint(args.checkpoint, overrides)
+        evaluate_checkpoint(args.checkpoint, overrides, out=args.out)
+    elif args.out:
+        parser.error("--out goes with a checkpoint (training-free baselines report under runs/<exp>/eval-<time>/)")
     elif args.exp:
         evaluate_baselines(args.exp, overrides)
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from mmict.bank import image_source
 from mmict.batch import DEMO_SEPARATOR, EpisodeBatch
 from mmict.eval.likelihood import class_probabilities
 from mmict.eval.protocol import Decoding, ResolvedProtocol, mmict_protocol
+from mmict.eval.ranks import Ranks
 from mmict.eval.selection import DemoSelector, make_selector
 from mmict.eval.tasks import Task, get_task
 from mmict.prompts import MODE_NAMES, PROMPT_MODE
@@ -57,6 +59,10 @@ class TrialResult:
     query_ids: list[str] | None = None  # the trial's queries, in the order their demos were drawn
     # what its queries and its demo pool lost: {"queries": {reason: n}, "pool": {reason: n}}; empty: nothing
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    # wall time per query: its batches' times (prompts, assembly, bank lookups, generation), summed over the ranks
+    # that ran them, over the trial's queries (None: not run). The bank's build, done once before all trials, is not
+    # in it (bank.stats says what it read); a timing, so it varies run to run
+    ms_per_query: float | None = None
 
 
 class LazyImages(Sequence):
@@ -203,6 +209,7 @@ def evaluate(
     progress: bool = True,
     protocol: ResolvedProtocol | None = None,
     plans: Mapping[int, SeedPlan] | None = None,
+    ranks: Ranks | None = None,
 ) -> list[TrialResult]:
     """Every (seed, shots, demo mode) trial; the protocol (`mmict.eval.protocol`) says how queries and demos are
     drawn, what 0 shots shows, how answers are decoded and what a prompt past the LM's positions gets.
@@ -212,8 +219,13 @@ def evaluate(
     (or `max_new_tokens` / `num_beams`).
 
     A "classify" task generates nothing: each query's P(positive class) comes from the log-likelihoods of the
-    task's class names after its prompt (`likelihood.class_probabilities`) and is what the trial scores."""
+    task's class names after its prompt (`likelihood.class_probabilities`) and is what the trial scores.
+
+    Over several processes (`ranks`; default: the initialised process group's, `mmict.eval.ranks`) every rank draws
+    every trial and runs the batches dealt to it; rank 0 scores the gathered answers, and every rank returns its
+    results, identical to one process's."""
     module.eval()
+    ranks = ranks or Ranks.current(module.device)
     task = get_task(task) if isinstance(task, str) else task
     if protocol is None:
         protocol = mmict_protocol(decoding=None if task.kind == "classify" else Decoding(
@@ -228,7 +240,8 @@ def evaluate(
     if selection == "rices":
         shared = make_selector(selection, pool, episodic=task.episodic, clip=r or None, cache_dir=cache_dir,
                                pool_name=f"{task.name}-train", progress=progress)
-        shared.prepare(all_queries)  # every query's CLIP features in batches, once
+        # every query's CLIP features in batches, once: rank 0 first, the others then read its feature cache
+        ranks.main_first(lambda: shared.prepare(all_queries))
         selectors = {seed: shared for seed in plans}
     else:
         selectors = {seed: make_selector(selection, plans[seed].pool, episodic=task.episodic) for seed in plans}
@@ -244,14 +257,15 @@ def evaluate(
             rng = protocol.trial_rng(seed, k)
             draws[(seed, k, n)] = [selectors[seed].select(rng, q, n) for q in plans[seed].queries]
     bank = getattr(module, "bank", None)
-    if bank is not None and "fused" in shown:
-        build_bank(bank, [d for (_, k, n), ds in draws.items() if k > 0 for q_demos in ds for d in q_demos], task)
+    if bank is not None and "fused" in shown:  # built by rank 0; the other ranks then load what it stored
+        bank_demos = [d for (_, k, n), ds in draws.items() if k > 0 for q_demos in ds for d in q_demos]
+        ranks.main_first(lambda: build_bank(bank, bank_demos, task))
     limit = module.backbone.max_positions
     counter = ContextCounter(module)
     answer_len = answer_tokens(module, task, protocol)
     results = []
     bar = tqdm(total=sum(len(plans[s].queries) for s, _, _ in trials), desc="eval", unit="query",
-               disable=not progress)
+               disable=not progress or not ranks.main)
     for seed, k, mode in trials:
         qs = plans[seed].queries
         demos = draws[(seed, k, demos_shown(k, mode, protocol))]
@@ -262,17 +276,20 @@ def evaluate(
             longest = max(counter.lengths(qs, demos, task, mode, protocol.demo_separator)) + (
                 0 if task.kind == "classify" else answer_len)
             if longest > limit and protocol.over_context == "skip":
-                log.warning("%s at %d shots (seed %d): the longest prompt needs %d positions, the language model has "
-                            "%d: not run, reported as over context (eval.over_context=run scores it anyway, "
-                            "flagged)", MODE_NAMES.get(mode, mode), k, seed, longest, limit)
+                say = log.warning if ranks.main else log.debug  # said once, by rank 0
+                say("%s at %d shots (seed %d): the longest prompt needs %d positions, the language model has %d: not "
+                    "run, reported as over context (eval.over_context=run scores it anyway, flagged)",
+                    MODE_NAMES.get(mode, mode), k, seed, longest, limit)
                 results.append(TrialResult(**base, accuracy=None, context_tokens=math.nan, status="over_context",
                                            max_context_tokens=longest))
                 bar.update(len(qs))
                 continue
-        answers, ctx, records = [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats(module.device)
-        for start in range(0, len(qs), batch_size):
+        done: dict[int, tuple[list, list, list]] = {}  # batch index -> its answers, context tokens, records
+        for b in ranks.mine(math.ceil(len(qs) / batch_size)):  # whole batches, as one process runs them
+            start, started = b * batch_size, time.perf_counter()
+            answers, ctx, records = [], [], []
             q, d = qs[start : start + batch_size], demos[start : start + batch_size]
             batch = episode_batch(q, d, task, lazy_demo_images=mode == "fused" and bank is not None,
                                   demo_separator=protocol.demo_separator)
@@ -292,8 +309,18 @@ def evaluate(
                     # the reference beside the answer, so a score can be checked by hand from results.json alone
                     records.append({"id": ex.id, "answer": answers[-1], "generation": out,
                                     "reference": references[ex.id]})
+            # the answers are on the CPU by now (decoded strings, probabilities): the time includes the device's work
+            done[b] = (answers, ctx, records, time.perf_counter() - started)
             bar.update(len(q))
         peak = torch.cuda.max_memory_allocated(module.device) / 2**20 if cuda else None
+        gathered = ranks.gather((done, peak))
+        bar.update(len(qs) - sum(len(r[2]) for r in done.values()))  # the other ranks' queries
+        if not ranks.main:  # rank 0 scores; its results reach every rank at the end
+            continue
+        merged = {b: out for part, _ in gathered for b, out in part.items()}
+        answers, ctx, records = ([x for b in sorted(merged) for x in merged[b][i]] for i in range(3))
+        seconds = sum(out[3] for out in merged.values())
+        peak = max((p for _, p in gathered if p is not None), default=None)
         longest = int(max(ctx)) + answer_len
         over = limit is not None and longest > limit
         if over:  # measured as it ran (prompts made by a model: fused tokens, M-Hub features)
@@ -305,9 +332,10 @@ def evaluate(
             answers, [references[ex.id] for ex in qs])
         results.append(TrialResult(**base, accuracy=score, context_tokens=sum(ctx) / len(ctx), peak_memory_mb=peak,
                                    predictions=records, status="over_context" if over else "ok",
-                                   max_context_tokens=longest, metrics=metrics))
+                                   max_context_tokens=longest, metrics=metrics,
+                                   ms_per_query=1000 * seconds / len(qs)))
     bar.close()
-    return results
+    return ranks.broadcast(results)
 
 
 def summary_rows(results: Sequence[TrialResult], labels: Mapping[str, str] | None = None,
@@ -343,6 +371,8 @@ def summary_rows(results: Sequence[TrialResult], labels: Mapping[str, str] | Non
                      "model_max_positions": rs[0].model_max_positions,
                      "peak_memory_mb": max((r.peak_memory_mb for r in rs if r.peak_memory_mb is not None),
                                            default=None),
+                     "ms_per_query": statistics.fmean(r.ms_per_query for r in ran if r.ms_per_query is not None)
+                     if any(r.ms_per_query is not None for r in ran) else None,
                      "seeds": len(rs), "queries": rs[0].num_queries})
     return rows
 
@@ -363,8 +393,8 @@ def markdown_table(rows: Sequence[dict], chance: float | None = None, metric: st
         f"Chance (1 / the episode's classes: a random demo's answer): {100 * chance:.1f}%", ""]
     extra = list(dict.fromkeys(name for r in rows for name in r.get("metrics", {}) if name.lower() != metric.lower()))
     lines += [f"| method | shots | {metric} (x100) | " + "".join(f"{name} (x100) | " for name in extra)
-              + "context tokens / query | seeds x queries |",
-              "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|"]
+              + "context tokens / query | ms / query | seeds x queries |",
+              "|---|---:|---:|" + "---:|" * len(extra) + "---:|---:|---:|"]
     for r in rows:
         std = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 and r["accuracy_mean"] is not None else ""
         score = f"{_cell(r['accuracy_mean'])}{std}"
@@ -373,7 +403,9 @@ def markdown_table(rows: Sequence[dict], chance: float | None = None, metric: st
             score = f"over context ({need})" if r["accuracy_mean"] is None else f"{score} (over context: {need})"
         extras = "".join(f"{_cell(r.get('metrics', {}).get(name))} | " for name in extra)
         ctx = "not run" if r.get("context_tokens") is None else f"{r['context_tokens']:.0f}"
-        lines.append(f"| {r['method']} | {r['shots']} | {score} | {extras}{ctx} | {r['seeds']} x {r['queries']} |")
+        ms = "-" if r.get("ms_per_query") is None else f"{r['ms_per_query']:.1f}"
+        size = f"{r['seeds']} x {r['queries']}"
+        lines.append(f"| {r['method']} | {r['shots']} | {score} | {extras}{ctx} | {ms} | {size} |")
     return "\n".join(lines)
 
 

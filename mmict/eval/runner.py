@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.downstream import DownstreamDataModule, Example, ShardExamples
 from data_modules.skips import SplitLoss, skip_line, skip_record
+from mmict.backbones.vision_cache import attach_vision_cache
 from mmict.bookkeeping.folders import unique_path, write_text_unique
 from mmict.bookkeeping.record import versions
 from mmict.eval.loop import (
@@ -27,6 +29,7 @@ from mmict.eval.loop import (
 from mmict.eval.metrics import vqa_accuracy_openflamingo
 from mmict.eval.postprocess import get_postprocessor
 from mmict.eval.protocol import ID_LESS_VQA_TASKS, ResolvedProtocol, end_of_chunk, resolve
+from mmict.eval.ranks import Ranks
 from mmict.eval.selection import DemoSelector
 from mmict.eval.tasks import Task, get_task
 from mmict.methods.aim.report import aim_vs_icl, aim_vs_icl_markdown, trained_shots_line, trained_shots_of
@@ -166,13 +169,17 @@ def protocol_for(cfg: DictConfig, task: Task, backbone) -> ResolvedProtocol:
 
 
 def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | None = None,
-             wandb_run: Any = None, wandb_prefix: str = "eval") -> EvalOutcome:
+             wandb_run: Any = None, wandb_prefix: str = "eval", ranks: Ranks | None = None) -> EvalOutcome:
     """Shots x seeds x demo modes on `cfg.eval.task` under `cfg.eval.protocol`; writes results.json, results.md,
     score_vs_shots.png and cost_vs_shots.png (never over an existing file), and logs them to `wandb_run` when given
     (under `wandb_prefix`: eval.task's under "eval", a further task's under "eval_<task>").
 
-    Returns the summary rows and the report (markdown), with the chance rate and metric they are read against."""
+    Returns the summary rows and the report (markdown), with the chance rate and metric they are read against.
+
+    Over several processes (`ranks`; default: the initialised process group's) every rank evaluates its share of
+    the batches (`mmict.eval.ranks`), every rank returns the same outcome, and rank 0 alone writes and logs."""
     ev = cfg.eval
+    ranks = ranks or Ranks.current(module.device)
     task = get_task(ev.task, cfg.data.prompt_format)
     if ev.postprocess:
         task = dataclasses.replace(task, postprocess=get_postprocessor(ev.postprocess))
@@ -190,28 +197,36 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
     if demo_transform is not None:
         pool = at_view(pool, demo_transform)
     bank = attach_bank(module, cfg, protocol.demo_image_view)
+    vision_cache = attach_vision_cache(backbone, ev.get("vision_cache"))  # eval.vision_cache; closed after evaluate
     random_demos = ev.selection == "random" and not task.episodic
     plans, drawn = seed_plans(dm, pool, protocol, list(ev.seeds), random_demos)
     losses = split_losses(dm, drawn)
     skipped = skip_line(losses, {"queries": f"{dm.query_split} queries", "pool": "pool examples"})
-    if skipped:  # also the table's header line, results.json's "skipped" and the W&B run's
+    if skipped and ranks.main:  # also the table's header line, results.json's "skipped" and the W&B run's
         log.warning("%s: %s", task.name, skipped)
     rices = None
     if ev.selection == "rices":
         rices = {**OmegaConf.to_container(ev.rices), "model": protocol.rices_model,
                  "pretrained": protocol.rices_pretrained}
+    started = time.perf_counter()
     results = evaluate(module, [], pool, shots=list(ev.shots), seeds=list(ev.seeds),
                        demo_modes=module.eval_demo_modes(), task=task, batch_size=ev.batch_size,
-                       selection=ev.selection, rices=rices, protocol=protocol, plans=plans)
+                       selection=ev.selection, rices=rices, protocol=protocol, plans=plans, ranks=ranks)
+    seconds = time.perf_counter() - started  # the trials (bank and RICES features included), on rank 0's clock
+    # demos each rank computed for the bank: rank 0 all of them, the others none (they load what it stored)
+    bank_computed = ranks.gather(bank.stats["computed"]) if bank is not None else None
+    vision_cached = vision_cache.close() if vision_cache is not None else None  # on every rank: frees its memory
     rows = summary_rows(results, labels=module.mode_labels, protocol=protocol)
     queries = list({q.id: q for plan in plans.values() for q in plan.queries}.values())
     chance = chance_rate(queries, DemoSelector(pool, episodic=task.episodic))
     comparison = aim_vs_icl(rows)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     trained = trained_shots_of(module)
-    how = how_made(protocol, task, cfg, backbone, drawn, trained=trained, skipped=skipped)
+    how = how_made(protocol, task, cfg, backbone, drawn, trained=trained, skipped=skipped, processes=ranks.world)
     report = report_markdown(rows, chance, task.metric, how)
+    if not ranks.main:  # rank 0 writes the files and logs to W&B
+        return EvalOutcome(rows, report, chance, task.metric, how, skip_record(losses))
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "task": ev.task, "metric": task.metric, "checkpoint": checkpoint,
         # the preset, then every setting it resolved to (and what the user changed: settings.overrides)
@@ -234,7 +249,10 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         "chance": chance, "aim_vs_icl": comparison,
         # episodes per demo count the module was trained on (AIM; null: unknown), beside the shots evaluated here
         "trained_shots": None if trained is None else {str(k): n for k, n in sorted(trained.items())},
-        "bank": None if bank is None else {"dir": str(bank.path), **bank.stats},
+        "bank": None if bank is None else {"dir": str(bank.path), **bank.stats, "computed_per_rank": bank_computed},
+        "vision_cache": vision_cached,  # images served from memory / disk, encoded, evicted; MB held (this rank)
+        "processes": ranks.world,  # batches dealt to this many ranks; the numbers are those of one process
+        "seconds": seconds, "queries_run": sum(r.num_queries for r in results if r.status == "ok" or r.predictions),
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }
@@ -252,20 +270,22 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
 
 
 def run_tasks(module, cfg: DictConfig, task_cfgs: Sequence[DictConfig], out_dir: str | Path,
-              checkpoint: str | None = None, wandb_run: Any = None) -> dict[str, EvalOutcome]:
+              checkpoint: str | None = None, wandb_run: Any = None, ranks: Ranks | None = None
+              ) -> dict[str, EvalOutcome]:
     """`run_eval` on eval.task under `out_dir`, then on each further task's config (`task_cfgs`: eval.extra_tasks,
     mmict/config/extra_tasks.py) under `out_dir/<task>` and the W&B prefix `eval_<task>`; the outcomes by task,
     eval.task's first."""
-    outcomes = {cfg.eval.task: run_eval(module, cfg, out_dir, checkpoint=checkpoint, wandb_run=wandb_run)}
+    outcomes = {cfg.eval.task: run_eval(module, cfg, out_dir, checkpoint=checkpoint, wandb_run=wandb_run,
+                                        ranks=ranks)}
     for task_cfg in task_cfgs:
         task = task_cfg.eval.task
         outcomes[task] = run_eval(module, task_cfg, Path(out_dir) / task, checkpoint=checkpoint, wandb_run=wandb_run,
-                                  wandb_prefix=f"eval_{task}")
+                                  wandb_prefix=f"eval_{task}", ranks=ranks)
     return outcomes
 
 
 def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, drawn: dict,
-             trained: dict[int, int] | None = None, skipped: str | None = None) -> list[str]:
+             trained: dict[int, int] | None = None, skipped: str | None = None, processes: int = 1) -> list[str]:
     """The lines above a table that say how its numbers were made; `skipped`: the line saying what the queries and
     the demo pool lost (`skips.skip_line`), when they lost anything."""
     ev = cfg.eval
@@ -296,7 +316,8 @@ def how_made(protocol: ResolvedProtocol, task: Task, cfg: DictConfig, backbone, 
         f"Shots: {list(ev.shots)} ({zero}); trials (seeds): {list(ev.seeds)}, mean ± {protocol.spread} std over "
         "trials",
         *trained_shots_line(trained, ev.shots),  # the module's histogram of demos per training episode, if known
-        f"Queries per trial: {', '.join(map(str, sizes))} ({subset})",
+        f"Queries per trial: {', '.join(map(str, sizes))} ({subset})"
+        + (f"; batches dealt to {processes} processes (the numbers of one)" if processes > 1 else ""),
         *([skipped] if skipped else []),
         f"Demo selection: {selection}; demo separator {protocol.demo_separator!r}; demo images: "
         f"{protocol.demo_image_view} view",

@@ -18,7 +18,9 @@ from collections.abc import Iterator, Mapping
 REGISTRY: dict[str, str] = {
     "aim": "mmict.methods.aim.module:AIMModule",
     "finetune": "mmict.methods.finetune.module:FinetuneModule",
+    "live": "mmict.methods.live.module:LIVEModule",
     "mmict": "mmict.methods.mmict.module:MMICTModule",
+    "mimic": "mmict.methods.mimic.module:MimICModule",
 }
 METHOD_NAMES: tuple[str, ...] = tuple(REGISTRY)
 

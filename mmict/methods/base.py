@@ -55,6 +55,9 @@ class FrozenBackboneModule(L.LightningModule):
     # ---- the method: how demos enter the query prompt -------------------------------------------
     train_demo_mode = "none"  # what training shows: fused (AIM), none (vanilla fine-tune), ...
     default_eval_modes: tuple[str, ...] = ("none",)  # what evaluation compares when eval.demo_modes is null
+    # Whether the trained parts belong to the one task they were trained for (LIVE's, MimIC's vectors): a companion
+    # of such a method is evaluated on its own task alone (mmict/companions.py)
+    task_specific: bool = False
     mode_labels: dict[str, str] = {}  # report names of demo modes where this method's differ from the defaults
     # Demo modes whose prompts are only images and text (`build_prompt`, no model run to make them): evaluation
     # counts their tokens before running a trial, and does not run one that exceeds the LM's positions. Other
@@ -99,7 +102,8 @@ class FrozenBackboneModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
         loss, ctx = self.loss(batch)
         bs = len(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # the mean over the ranks (DDP: each rank's loss is its share of the global batch's); one process: as is
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train/context_tokens", ctx.mean(), batch_size=bs)
         self.log("train/shots", float(sum(batch.demo_counts)) / bs, batch_size=bs)
         return loss

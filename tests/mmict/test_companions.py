@@ -34,6 +34,21 @@ def test_bad_companions_fail_before_training():
         companion_configs(load_config("toy_aim", ["eval.companions=['toy_mmict_binding eval.shots=[1]']"]))
 
 
+def test_a_task_specific_companion_is_evaluated_on_its_own_task_alone():
+    """LIVE's and MimIC's vectors belong to the task they were trained for: such a companion keeps its task (one of
+    the run's, with that task's entry's overrides) and no further tasks; MMICT's is evaluated on all of the run's."""
+    cfg = load_config("toy_all_methods")
+    companions = {c.name: c for c in companion_configs(cfg)}
+    assert list(companions["toy_mmict_binding"].eval.extra_tasks) == list(cfg.eval.extra_tasks) != []
+    for name, task, new_tokens in (("toy_live", "toy_binding", 3), ("toy_mimic", "toy_binding", 3),
+                                   ("toy_live_concept", "toy_concept", 2), ("toy_mimic_concept", "toy_concept", 2)):
+        c = companions[name]
+        assert (c.eval.task, list(c.eval.extra_tasks), c.eval.max_new_tokens) == (task, [], new_tokens), name
+        assert list(c.eval.shots) == list(cfg.eval.shots) and c.backbone.name_or_path == cfg.backbone.name_or_path
+    with pytest.raises(ConfigError, match="toy_concept.*does not evaluate"):
+        companion_configs(load_config("toy_aim", ["eval.extra_tasks=[]", "eval.companions=[toy_live_concept]"]))
+
+
 def test_merge_keeps_both_zero_shots_apart_and_sorts_by_shots():
     ours = [row("zero-shot", 0), row("AIM (fused tokens)", 2)]
     theirs = [{**row("zero-shot", 0), "accuracy_mean": 0.4}, row("MMICT (M-Hub text features)", 2),

@@ -126,6 +126,25 @@ def test_checkpoint_is_trainable_weights_and_config(finished_run):
     assert ckpt["global_step"] == 12
 
 
+def test_after_fsdp_a_whole_module_is_rebuilt_from_the_checkpoint_for_evaluation(finished_run, tmp_path, caplog):
+    """FSDP wraps the trained module's parts in place: evaluation after it gets a fresh module with the saved weights
+    (the strategy itself needs GPUs); a sharded checkpoint (a folder) is named with how to consolidate it."""
+    from mmict.train import fsdp_trained_module
+    from mmict.training.fsdp import SHARDED_METADATA_FILE
+
+    cfg, summary = finished_run
+    ckpt = Path(summary["run_dir"]) / "checkpoints/last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    module = fsdp_trained_module(cfg, ckpt)
+    assert set(saved) == {"projector.net.weight", "projector.net.bias"}
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in saved.items())
+    sharded = tmp_path / "last.ckpt"
+    sharded.mkdir()
+    (sharded / SHARDED_METADATA_FILE).write_text("")
+    assert fsdp_trained_module(cfg, sharded) is None
+    assert "consolidate_checkpoint" in caplog.text
+
+
 def test_eval_of_checkpoint_never_overwrites(finished_run):
     _, summary = finished_run
     run = Path(summary["run_dir"])

@@ -21,8 +21,9 @@ def _fake_run(root: Path, name: str, overrides: list[str], train_losses, val_los
     rows += [f"0,{10 * (i + 1) - 1},{v},"for i, v in enumerate(train_losses)]
     rows.append(f"0,{10 * len(train_losses) - 1},,{val_loss}")
     (run / "logs" / "metrics.csv").write_text("\n".join(rows) + "\n")
-    summary = [{"method": mode, "shots": k, "accuracy_mean": acc, "accuracy_std": 0.01, "context_tokens": 10.0,
-                "peak_memory_mb": None, "seeds": 2, "queries": 8} for (mode, k), acc in scores.items()]
+    summary = [{"method": mode, "shots": k, "accuracy_mean": acc, "accuracy_std": 0.01, "context_tokens": 10.0 + 5 * k,
+                "peak_memory_mb": None, "ms_per_query": 2.0 + k, "seeds": 2, "queries": 8}
+               for (mode, k), acc in scores.items()]
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text(json.dumps({"metric": "vqa_accuracy", "summary": summary}))
     (run / "runtime.json").write_text(json.dumps({"versions": {"mmict_commit": "abc1234"},
@@ -47,6 +48,9 @@ def test_compare_a_sweep_folder(tmp_path, capsys):
     assert first["train loss"] == 1.5 and first["val loss"] == 1.4 and first["steps"] == 19
     assert first["commit"] == "abc1234"
     assert len(rows) == 3  # run 0: two eval modes; run 1: one
+    # each method's cost per query beside its scores, per shot count (issue 25: methods side by side)
+    assert first["context tokens"] == "0:10 4:30" and first["ms / query"] == "0:2.0 4:6.0"
+    assert rows[1]["eval"] == "vanilla ICL" and rows[1]["context tokens"] == "4:30"
     assert main([str(sweep)]) == 0
     out = capsys.readouterr().out
     assert "| 000_shots4 | aim | llava:backbone | 4 |" in out

@@ -214,3 +214,21 @@ def test_a_validation_cut_short_is_run_again_after_the_resume(tmp_path, tiny_bac
     header = rows[0].split(",")
     at_7 = [r for r in rows[1:] if r.split(",")[header.index("step")] == "7" and r.split(",")[header.index("val/loss")]]
     assert len(at_7) == 1  # run once, not also by Lightning
+
+
+def test_ranks_lightning_starts_join_rank_zeros_run_folder_and_resume(tmp_path, monkeypatch):
+    from mmict.bookkeeping.resume import RANK_ZERO_RUN_ENV, rank_zero_run, share_with_other_ranks
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", RANK_ZERO_RUN_ENV):
+        monkeypatch.delenv(name, raising=False)
+    found = Resume(tmp_path / "run", tmp_path / "run" / "checkpoints" / "step000004.ckpt", step=4)
+    share_with_other_ranks(tmp_path / "run", found)  # rank 0, before its Trainer starts the other ranks
+    assert rank_zero_run() is None  # rank 0 decides for itself
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's launcher sets for the process it starts
+    assert rank_zero_run() == (tmp_path / "run", found)
+    share_with_other_ranks(tmp_path / "other", None)  # ranks above 0 never overwrite it
+    assert rank_zero_run() == (tmp_path / "run", found)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    share_with_other_ranks(tmp_path / "fresh", None)  # a new run: no checkpoint to continue
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_zero_run() == (tmp_path / "fresh", None)

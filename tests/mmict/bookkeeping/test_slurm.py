@@ -194,3 +194,41 @@ def test_make_sweep_target_passes_the_grid(tmp_path):
     assert make.returncode == 0, make.stderr
     line = next(x for x in make.stdout.splitlines() if "mmict sweep" in x)
     assert "'data.shots=[4,8]' 'seed=[1,2]'" in line and "--dry-run" in line
+
+
+def test_an_evaluation_sweep_runs_mmict_eval_on_the_checkpoint_per_array_task(tmp_path):
+    """`mmict sweep --eval CKPT`: each array task evaluates the checkpoint at its grid point into its own folder
+    (`--out`, where `mmict compare` finds config.yaml and eval/), with the checkpoint's config and its overrides."""
+    import torch
+    from omegaconf import OmegaConf
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    cfg = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "eval.shots=[0,4]"])
+    torch.save({"hyper_parameters": {"config": OmegaConf.to_container(cfg, resolve=True)}, "state_dict": {}}, ckpt)
+    with pytest.raises(ConfigError, match="grid point 0 .*eval.seedz"):
+        plan_sweep(None, ["eval.seedz=[[0],[1]]"], checkpoint=str(ckpt))
+    assert main(["--eval", str(ckpt), "eval.seeds=[[0],[1],[2]]", "--dry-run"]) == 0  # no experiment with --eval
+    sweep = plan_sweep(None, ["eval.seeds=[[0],[1],[2]]"], checkpoint=str(ckpt), now=NOW)
+    assert sweep.sweep_dir == tmp_path / "runs" / "sweeps" / "toy_aim-eval" / "20250102-030405"
+    path = write_sweep(sweep)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    srun = fake / "srun"
+    srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_OUT"\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "srun.txt"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1", "SRUN_OUT": str(out),
+           "SLURM_JOB_NAME": "mmict-toy_aim-eval"}
+    subprocess.run(["bash", str(path)], env=env, check=True, capture_output=True, text=True)
+    args = out.read_text().splitlines()
+    assert args[1:4] == ["-m", "mmict.eval", str(ckpt)]
+    rest = args[4:]
+    folder = rest[rest.index("--out") + 1]
+    assert folder == str(sweep.points[1].run_dir)
+    overrides = [a for a in rest if "=" in a]
+    from mmict.bookkeeping.slurm import checkpoint_config
+
+    point = checkpoint_config(ckpt, overrides)  # exactly what the task evaluates
+    assert list(point.eval.seeds) == [1] and list(point.eval.shots) == [0, 4]
+    assert point.logger.group == sweep.sweep_id

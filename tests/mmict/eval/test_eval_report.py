@@ -85,4 +85,4 @@ def test_table_shows_caption_metrics_and_over_context_rows():
     header = table.splitlines()[0]
     assert "| cider (x100) | BLEU-4 (x100) | METEOR (x100) |" in header and "CIDEr (x100)" not in header
     assert "| 50.0 | 10.0 | n/a | 20 |" in table  # METEOR without Java: n/a, never a number
-    assert "| over context (needs 9000 of 4096 positions) | n/a | n/a | not run | 2 x 4 |" in table
+    assert "| over context (needs 9000 of 4096 positions) | n/a | n/a | not run | - | 2 x 4 |" in table

@@ -131,7 +131,9 @@ def test_each_design_trains_only_the_hub_and_the_loss_falls(blip2_dirs, variant,
     frozen = {k: v.clone() for k, v in module.backbone.state_dict().items()}
     hub = {k: v.clone() for k, v in module.hub.state_dict().items()}
     before = eval_loss(module.eval(), batch)
-    fit_steps(module, batch, 12)
+    # 24 steps: at 12 the tiny Flan-T5's "none" design was mid-oscillation (6.519 -> 6.535 with one CPU thread,
+    # 6.445 with two: the same steps summed in another order); by 24 it is at 6.20 / 6.24 either way
+    fit_steps(module, batch, 24)
     assert eval_loss(module, batch) < before
     assert all(torch.equal(v, module.backbone.state_dict()[k]) for k, v in frozen.items())  # ViT and LLM
     changed = {k for k, v in module.hub.state_dict().items() if not torch.equal(v, hub[k])}
