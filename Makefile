@@ -14,6 +14,7 @@ GRID ?=
 DRY_RUN ?=
 BENCH ?=
 BENCH_ARGS ?=
+TEST_WORKERS ?= auto
 # Installs are locked: requirements/lock.txt pins every package (torch and its CUDA wheels included) to the
 # versions the suite was last green with, as pip constraints. `make upgrade-lock` moves the lock forward
 # deliberately. LOCK= (empty) installs the newest versions pyproject.toml allows instead; with it, TORCH_SPEC
@@ -70,8 +71,10 @@ compare: $(STAMP)
 bench: $(STAMP)
 	WANDB_MODE=disabled $(PY) -m bench $(if $(BENCH),--only $(BENCH)) $(BENCH_ARGS)
 
+# One pytest-xdist worker per core (TEST_WORKERS=0: one process), each test file on one worker (its module fixtures
+# built once); the toy pretraining tests, minutes each, then run side by side.
 test: $(STAMP)
-	WANDB_MODE=disabled $(if $(LOCK),,MMICT_UNLOCKED=1) $(PY) -m pytest -q $(ARGS)
+	WANDB_MODE=disabled $(if $(LOCK),,MMICT_UNLOCKED=1) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

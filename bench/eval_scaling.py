@@ -86,7 +86,11 @@ def _free_port() -> int:
 
 def evaluate(ckpt: Path, out: Path, processes: int, threads: int | None, overrides: list[str]) -> dict[str, Any]:
     """`python -m mmict.eval CKPT --out OUT trainer.devices=N`: its results.json."""
-    env = {**os.environ, "MASTER_PORT": str(_free_port()), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # local processes started by Lightning, whatever cluster or rank settings this shell has (an salloc shell's
+    # SLURM_* would make Lightning wait for srun's)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (
+        "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "mmict.eval", str(ckpt), "--out", str(out), f"trainer.devices={processes}",

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from mmict.bank_files import clean_orphans, unwritable, warn_not_cached
 from mmict.config.schema import BANK_STORES
+from mmict.hashing import tensor_bytes, tensor_checksum, update_with_pixels
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
@@ -65,35 +66,6 @@ Compute = Callable[[list[Pixels], list[str]], list[torch.Tensor]]
 # ---- hashing -----------------------------------------------------------------------------------------
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes (any dtype, bf16 included) without a copy when it is already contiguous on CPU."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(_bytes(t))
-    return h.hexdigest()
-
-
-def _update_pixels(h: Any, pixels: Any) -> None:
-    if torch.is_tensor(pixels):
-        h.update(f"T{tuple(pixels.shape)}{pixels.dtype}".encode())
-        h.update(_bytes(pixels))
-    elif isinstance(pixels, dict):
-        for key in sorted(pixels):
-            h.update(f"K{key}".encode())
-            _update_pixels(h, pixels[key])
-    elif isinstance(pixels, list | tuple):  # video frames
-        h.update(f"L{len(pixels)}".encode())
-        for item in pixels:
-            _update_pixels(h, item)
-    else:
-        raise TypeError(f"cannot hash a demo image of type {type(pixels).__name__}")
-
-
 def content_hash(text: str, image: Pixels | None = None, source: tuple | None = None) -> str:
     """What makes a stored reading valid for a demo: its text and its image as the backbone sees it, i.e. the
     preprocessed pixels, or (cheaper, and no decoding) the `source` they are made from (`image_source`)."""
@@ -105,7 +77,7 @@ def content_hash(text: str, image: Pixels | None = None, source: tuple | None = 
             part = part.encode() if isinstance(part, str) else bytes(part)
             h.update(b"S" + len(part).to_bytes(8, "little") + part)
     else:
-        _update_pixels(h, image)
+        update_with_pixels(h, image)
     return h.hexdigest()
 
 
@@ -150,7 +122,7 @@ def backbone_fingerprint(backbone: Any, sample: int = 4096) -> str:
             flat = p.detach().reshape(-1)
             part = flat if flat.numel() <= 2 * sample else torch.cat([flat[:sample], flat[-sample:]])
             h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-            h.update(_bytes(part))
+            h.update(tensor_bytes(part))
     return h.hexdigest()[:32]
 
 
@@ -172,7 +144,7 @@ class ModuleHash:
             h = hashlib.sha256()
             for name, t in sorted(self.module.state_dict().items()):
                 h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-                h.update(_bytes(t))
+                h.update(tensor_bytes(t))
             self._stamp, self._hash = stamp, h.hexdigest()[:32]
         return self._hash
 

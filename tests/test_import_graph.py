@@ -26,6 +26,7 @@ LAYER_ORDER = ("foundation", "backbones", "data", "methods", "eval", "config", "
 LAYERS: dict[str, str] = {
     "mmict": "app",  # mmict/__init__.py and anything not listed below
     "mmict.segments": "foundation",
+    "mmict.hashing": "foundation",
     "mmict.dependency_lock": "foundation",
     "mmict.optim": "foundation",
     "mmict.plots": "foundation",

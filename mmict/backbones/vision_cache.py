@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from mmict.hashing import pixels_hash, tensor_bytes, tensor_checksum
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
@@ -62,43 +63,6 @@ Encode = Callable[[list[Pixels]], list[torch.Tensor]]
 
 
 # ---- hashing -----------------------------------------------------------------------------------------
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's raw bytes (any dtype, bf16 included)."""
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _update(h: Any, pixels: Any) -> None:
-    if torch.is_tensor(pixels):
-        h.update(f"T{tuple(pixels.shape)}{pixels.dtype}|".encode())
-        h.update(_bytes(pixels))
-    elif isinstance(pixels, dict):
-        for key in sorted(pixels):
-            h.update(f"K{key}|".encode())
-            _update(h, pixels[key])
-    elif isinstance(pixels, list | tuple):  # video frames
-        h.update(f"L{len(pixels)}|".encode())
-        for item in pixels:
-            _update(h, item)
-    else:
-        raise TypeError(f"cannot hash an image of type {type(pixels).__name__}: preprocess images with "
-                        "backbone.image_transform")
-
-
-def pixels_hash(pixels: Pixels) -> str:
-    """The content hash of one preprocessed image: every tensor's shape, dtype and bytes (dict keys sorted)."""
-    h = hashlib.blake2b(digest_size=16)
-    _update(h, pixels)
-    return h.hexdigest()
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(_bytes(t))
-    return h.hexdigest()
 
 
 def vision_weights(backbone: Any) -> list[tuple[str, torch.Tensor]]:
@@ -132,7 +96,7 @@ def weights_fingerprint(weights: list[tuple[str, torch.Tensor]], sample: int = 4
             flat = t.detach().reshape(-1)
             part = flat if flat.numel() <= 2 * sample else torch.cat([flat[:sample], flat[-sample:]])
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(_bytes(part))
+            h.update(tensor_bytes(part))
     return h.hexdigest()[:32]
 
 

@@ -58,7 +58,19 @@ class MimICModule(FrozenBackboneModule):
     def mode_labels(self) -> dict[str, str]:  # type: ignore[override]
         d = self.cfg.data
         shots = d.shots if d.shots is not None else f"{d.min_shots}-{d.max_shots}"
-        return {"none": f"MimIC (no demos at eval, {shots}-shot teacher)"}
+        return {"none": f"MimIC (no demos at eval, {shots}-shot teacher)",
+                "images": "vanilla ICL (images+text; MimIC's shifts off)",
+                "text": "text-only demos (MimIC's shifts off)"}
+
+    def batch_prompts(self, batch: EpisodeBatch, demo_mode: str | None = None,
+                      with_target: bool = True) -> list[Prompt]:
+        """The prompts of `demo_mode`, and the shifts switched to match for the forwards that follow, as LIVE's
+        vectors are: on for the no-demo prompt (MimIC's), off when demos are shown (the frozen model's vanilla ICL,
+        eval.demo_modes=[none,images]; the teacher). Evaluation runs a trial's forwards right after building its
+        prompts (mmict/eval/loop.py)."""
+        mode = demo_mode or self.train_demo_mode
+        self.head_shift.enabled = mode == "none"
+        return super().batch_prompts(batch, mode, with_target)
 
     # ---- the losses -------------------------------------------------------------------------------
     def loss(self, batch: EpisodeBatch, demo_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,15 +84,21 @@ def test_sbatch_script_for_a_grid(tmp_path):
     assert "trainer.max_steps=50" in script.split("esac", 1)[1]
 
 
+def _fake_srun(tmp_path, printed: str):
+    """A folder holding a fake `srun` that writes `printed` (shell words), one per line, to $SRUN_OUT."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    srun = fake / "srun"
+    srun.write_text(f'#!/bin/bash\nprintf "%s\\n" {printed} > "$SRUN_OUT"\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
 def test_each_array_index_runs_its_grid_point(tmp_path):
     """Run the generated script with bash and a fake `srun`: index i gets grid point i, and the command loads."""
     sweep = _sweep(tmp_path, "slurm.setup=[\"export FROM_SETUP=1\"]")
     path = write_sweep(sweep)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    srun = fake / "srun"
-    srun.write_text('#!/bin/bash\nprintf "%s\\n" "$FROM_SETUP" "$@" > "$SRUN_OUT"\n')
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    fake = _fake_srun(tmp_path, '"$FROM_SETUP" "$@"')
     for index, (shots, seed) in {0: (4, 1), 4: (8, 2), 8: (16, 3)}.items():
         out = tmp_path / f"srun_{index}.txt"
         env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": str(index),
@@ -150,6 +156,11 @@ def test_simulated_slurm_job_resolves_ranks(monkeypatch, tmp_path):
 
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
+    # SLURMEnvironment writes MASTER_ADDR / MASTER_PORT into os.environ itself: registered here, monkeypatch restores
+    # them after the test (a later test's processes would otherwise look for the fake node "gpu01")
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     # Lightning sets the process-wide rank (rank_zero_only.rank = 5): put it back after the test, or every later
     # test in this process would be "rank 5" and log nothing.
     monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
@@ -212,11 +223,7 @@ def test_an_evaluation_sweep_runs_mmict_eval_on_the_checkpoint_per_array_task(tm
     sweep = plan_sweep(None, ["eval.seeds=[[0],[1],[2]]"], checkpoint=str(ckpt), now=NOW)
     assert sweep.sweep_dir == tmp_path / "runs" / "sweeps" / "toy_aim-eval" / "20250102-030405"
     path = write_sweep(sweep)
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    srun = fake / "srun"
-    srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_OUT"\n')
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    fake = _fake_srun(tmp_path, '"$@"')
     out = tmp_path / "srun.txt"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1", "SRUN_OUT": str(out),
            "SLURM_JOB_NAME": "mmict-toy_aim-eval"}

@@ -61,8 +61,11 @@ def _group_alive(pgid: int) -> bool:
 def _evaluate(ckpt, bank_dir, processes: int) -> tuple[dict, str]:
     """`python -m mmict.eval CKPT` with `processes` CPU processes, one thread each (as every rank of the 2-process
     run: equal threads keep float sums in the same order); its results.json and output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()), "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(REPO)}
+    # no rank, cluster or address settings of the process running the tests: Lightning launches the ranks itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (
+        "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WANDB_MODE="disabled",
+               PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "mmict.eval", str(ckpt), "trainer.accelerator=cpu", f"trainer.devices={processes}",
            f"eval.bank.dir={bank_dir}"]
     log = ckpt.parent.parent / f"eval_{processes}.log"

@@ -78,3 +78,24 @@ def test_evaluation_names_the_rows_and_shows_no_demos(tiny_backbone_dir):
     assert module.eval_demo_modes() == ["none"]
     assert module.mode_labels["none"] == "MimIC (no demos at eval, 2-shot teacher)"
     assert len(head_sites(module.backbone.attention_layers())) == module.backbone.num_layers
+
+
+def test_vanilla_icl_rows_of_a_mimic_run_are_the_frozen_model(tiny_backbone_dir):
+    """eval.demo_modes=[none,images]: the no-demo prompt runs with the shifts, the demo prompts (vanilla ICL, its
+    row labelled so) without them, as the frozen model would answer."""
+    module = mimic_module(tiny_backbone_dir)
+    with torch.no_grad():
+        for p in module.shift.parameters():
+            p.add_(torch.randn_like(p))  # shifts far from zero: they change the logits
+    batch = episode_batch(module.backbone)
+
+    def logits(mode: str) -> torch.Tensor:
+        prompts = module.batch_prompts(batch, mode, with_target=False)
+        with torch.no_grad():
+            return module.backbone(module.backbone.assemble(prompts, padding_side="left")).logits
+
+    shifted, icl = logits("none"), logits("images")
+    module.head_shift.detach()  # the frozen model alone
+    assert not torch.allclose(shifted, logits("none"))  # MimIC's row is shifted
+    assert torch.equal(icl, logits("images"))  # vanilla ICL's row is the frozen model's
+    assert module.mode_labels["images"] == "vanilla ICL (images+text; MimIC's shifts off)"
