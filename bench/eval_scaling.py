@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from bench import Context, Result, markdown, register, target
+from mmict.eval.ranks import local_launch_env
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 0.9
@@ -78,19 +78,10 @@ def _checkpoint(workdir: Path, accelerator: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def evaluate(ckpt: Path, out: Path, processes: int, threads: int | None, overrides: list[str]) -> dict[str, Any]:
     """`python -m mmict.eval CKPT --out OUT trainer.devices=N`: its results.json."""
-    # local processes started by Lightning, whatever cluster or rank settings this shell has (an salloc shell's
-    # SLURM_* would make Lightning wait for srun's)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (
-        "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    # local processes started by Lightning, whatever cluster or rank settings this shell has
+    env = {**local_launch_env(), "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "mmict.eval", str(ckpt), "--out", str(out), f"trainer.devices={processes}",

@@ -109,3 +109,13 @@ class ShotPolicy:
 
 
 __all__ = ["ShotPolicy", "ShotStage"]
+
+
+def shots_label(data: Any) -> str:
+    """A `data` config's training shots in one word: `8` (data.shots), `1-8` (min_shots-max_shots) or `schedule`
+    (data.shot_schedule): the run's "train shots" on W&B, and the teacher's shots in LIVE's and MimIC's row names."""
+    if data.get("shots") is not None:
+        return str(data.shots)
+    if data.get("shot_schedule"):
+        return "schedule"
+    return str(data.min_shots) if data.min_shots == data.max_shots else f"{data.min_shots}-{data.max_shots}"

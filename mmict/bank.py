@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from mmict.bank_files import clean_orphans, unwritable, warn_not_cached
 from mmict.config.schema import BANK_STORES
-from mmict.hashing import tensor_bytes, tensor_checksum, update_with_pixels
+from mmict.hashing import tensor_bytes, tensor_checksum, tensors_stamp, update_with_pixels, update_with_weight_samples
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,7 @@ def backbone_fingerprint(backbone: Any, sample: int = 4096) -> str:
     h = hashlib.sha256()
     config = backbone.config.to_dict() if hasattr(backbone.config, "to_dict") else dict(backbone.config)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in backbone.model.named_parameters():
-            flat = p.detach().reshape(-1)
-            part = flat if flat.numel() <= 2 * sample else torch.cat([flat[:sample], flat[-sample:]])
-            h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-            h.update(tensor_bytes(part))
+    update_with_weight_samples(h, backbone.model.named_parameters(), sample)
     return h.hexdigest()[:32]
 
 
@@ -135,11 +130,8 @@ class ModuleHash:
         self._stamp: tuple | None = None
         self._hash = ""
 
-    def _current_stamp(self) -> tuple:
-        return tuple((name, p._version, p.data_ptr()) for name, p in self.module.state_dict(keep_vars=True).items())
-
     def __call__(self) -> str:
-        stamp = self._current_stamp()
+        stamp = tensors_stamp(self.module.state_dict(keep_vars=True).items())
         if stamp != self._stamp:
             h = hashlib.sha256()
             for name, t in sorted(self.module.state_dict().items()):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +29,7 @@ from callbacks.rank_trace import RankTrace
 from callbacks.rank_trace import enabled as rank_trace_enabled
 from callbacks.signals import StoppedBySignal, exit_code
 from data_modules.augment import transform_size
-from data_modules.shots import ShotPolicy
+from data_modules.shots import ShotPolicy, shots_label
 from data_modules.streaming_module import StreamingDataModule
 from data_modules.task_episodes import TaskEpisodeDataModule
 from data_modules.web_corpus import WebCorpusDataModule
@@ -97,12 +96,7 @@ def find_shards_or_fail(cfg: DictConfig) -> None:
 
 def train_shots(cfg: DictConfig) -> str:
     """The training shot setting in one word: `8`, `1-8` or `schedule`."""
-    d = cfg.data
-    if d.get("shots") is not None:
-        return str(d.shots)
-    if d.get("shot_schedule"):
-        return "schedule"
-    return str(d.min_shots) if d.min_shots == d.max_shots else f"{d.min_shots}-{d.max_shots}"
+    return shots_label(cfg.data)
 
 
 def wandb_settings(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -238,10 +232,8 @@ def fsdp_trained_module(cfg: DictConfig, ckpt: Path) -> Any:
                     "consolidate them (`python -m lightning.pytorch.utilities.consolidate_checkpoint %s`) and run "
                     "`mmict eval` on the result (trainer.devices=N evaluates on N GPUs)", ckpt, ckpt)
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     module = METHODS[cfg.method.name](cfg)
-    module.load_state_dict(state["state_dict"])
-    module.on_load_checkpoint(state)
+    module.restore(ckpt)
     return module
 
 
@@ -307,9 +299,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         redo_validation(trainer, module, datamodule, resume, missed)
     if resume is not None and resume.trained:  # evaluate the trained weights as they are (Lightning's fit would
         # restore them too, but also the loops, only to stop at once)
-        state = torch.load(resume.checkpoint, map_location="cpu", weights_only=False)
-        module.load_state_dict(state["state_dict"])
-        module.on_load_checkpoint(state)
+        module.restore(resume.checkpoint)
     else:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume.checkpoint) if resume else None)

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from mmict.hashing import pixels_hash, tensor_bytes, tensor_checksum
+from mmict.hashing import pixels_hash, tensor_checksum, tensors_stamp, update_with_weight_samples
 from mmict.segments import Pixels
 
 log = logging.getLogger(__name__)
@@ -75,28 +75,11 @@ def vision_weights(backbone: Any) -> list[tuple[str, torch.Tensor]]:
     return [(name, t) for name, t in named if id(t) not in language_model or id(t) in keep]
 
 
-def weights_stamp(weights: list[tuple[str, torch.Tensor]]) -> tuple:
-    """Changes when a weight is replaced, moved, re-typed or written in place (in-place writes bump `_version`)."""
-    def version(t: torch.Tensor) -> int:
-        try:
-            return t._version
-        except RuntimeError:  # an inference-mode tensor has no version counter (and cannot be written in place)
-            return -1
-
-    return tuple((name, t.data_ptr(), t.dtype, version(t)) for name, t in weights)
-
-
 def weights_fingerprint(weights: list[tuple[str, torch.Tensor]], sample: int = 4096) -> str:
-    """The first and last `sample` elements of every weight with its name, shape and dtype (as the demonstration
-    bank's `backbone_fingerprint`): exact for any retrained or rebuilt model in practice, milliseconds for a 7B
-    model's vision path."""
+    """The first and last `sample` elements of every weight with its name, shape and dtype, as the demonstration
+    bank's `backbone_fingerprint` hashes them (`mmict.hashing`)."""
     h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in weights:
-            flat = t.detach().reshape(-1)
-            part = flat if flat.numel() <= 2 * sample else torch.cat([flat[:sample], flat[-sample:]])
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(tensor_bytes(part))
+    update_with_weight_samples(h, weights, sample)
     return h.hexdigest()[:32]
 
 
@@ -224,7 +207,7 @@ class VisionCache:
 
     # ---- the weights the entries belong to -----------------------------------------------------------------
     def _check_weights(self) -> None:
-        stamp = weights_stamp(vision_weights(self.backbone))
+        stamp = tensors_stamp(vision_weights(self.backbone))
         if stamp == self._stamp:
             return
         if self._stamp is not None:

@@ -91,12 +91,6 @@ def _set_aside(path: Path, err: Exception) -> None:
                 "previous checkpoint is used. Delete it once you have looked at it", path, reason, target.name)
 
 
-def loadable_checkpoint(run_dir: Path) -> Path | None:
-    """The loadable checkpoint of the highest training step; see `newest_step`."""
-    found = newest_step(run_dir)
-    return found[0] if found else None
-
-
 def newest_step(run_dir: Path) -> tuple[Path, int] | None:
     """(checkpoint, its step) of the highest training step that loads. The step is the file name's (`stepNNNNNN`,
     written by ModelCheckpoint from the global step) or, for a name without one (`last.ckpt`, `hpc_ckpt_*`), the

@@ -24,7 +24,6 @@ from mmict.config.extra_tasks import task_configs
 from mmict.eval.ranks import Ranks, launch
 from mmict.eval.runner import run_tasks
 from mmict.methods import METHODS
-from mmict.methods.base import check_checkpoint_backbone
 from mmict.toy.prepare import prepare as prepare_toy
 
 
@@ -40,12 +39,7 @@ def evaluate_checkpoint(ckpt: str | Path, overrides: list[str], out: str | Path 
     # a toy run's world and backbone, rebuilt from their recipes if this machine lacks them (by rank 0 alone)
     ranks.main_first(lambda: prepare_toy(cfg))
     module = METHODS[cfg.method.name](cfg)
-    check_checkpoint_backbone(state, module.backbone)
-    module.load_state_dict(state["state_dict"])
-    # The module's own checkpoint hook, as Lightning calls it when it restores: what a method keeps beside its
-    # weights (AIM: the shots it was trained on, for the table's header; MMICT: a warning when the checkpoint's
-    # query-text setting differs from the config's).
-    module.on_load_checkpoint(state)
+    module.restore(state)
     module.to(ranks.device)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     if out is not None:

@@ -286,7 +286,7 @@ def evaluate(
                 continue
         if cuda:
             torch.cuda.reset_peak_memory_stats(module.device)
-        done: dict[int, tuple[list, list, list]] = {}  # batch index -> its answers, context tokens, records
+        done: dict[int, tuple[list, list, list, float]] = {}  # batch -> answers, context tokens, records, seconds
         for b in ranks.mine(math.ceil(len(qs) / batch_size)):  # whole batches, as one process runs them
             start, started = b * batch_size, time.perf_counter()
             answers, ctx, records = [], [], []
@@ -359,6 +359,7 @@ def summary_rows(results: Sequence[TrialResult], labels: Mapping[str, str] | Non
             mean, spread = None, math.nan
         metric_names = list(dict.fromkeys(name for r in rs for name in r.metrics))
         ran = [r for r in rs if not math.isnan(r.context_tokens)]
+        timed = [r.ms_per_query for r in ran if r.ms_per_query is not None]
         rows.append({"method": names.get(method, method), "mode": method, "shots": k,
                      "demos_shown": rs[0].demos_shown,
                      "accuracy_mean": mean, "accuracy_std": spread, "spread": protocol.spread,
@@ -371,8 +372,7 @@ def summary_rows(results: Sequence[TrialResult], labels: Mapping[str, str] | Non
                      "model_max_positions": rs[0].model_max_positions,
                      "peak_memory_mb": max((r.peak_memory_mb for r in rs if r.peak_memory_mb is not None),
                                            default=None),
-                     "ms_per_query": statistics.fmean(r.ms_per_query for r in ran if r.ms_per_query is not None)
-                     if any(r.ms_per_query is not None for r in ran) else None,
+                     "ms_per_query": statistics.fmean(timed) if timed else None,
                      "seeds": len(rs), "queries": rs[0].num_queries})
     return rows
 

@@ -23,6 +23,8 @@ of pre-drawn trials repeats nothing and changes nothing.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -103,3 +105,23 @@ def launch(accelerator: str, devices: int | str, num_nodes: int = 1) -> Ranks:
         log.info("evaluating with %d processes (%s): batches dealt to ranks, answers gathered and scored on rank 0",
                  ranks.world, fabric.device.type)
     return ranks
+
+
+# What a launcher or a cluster tells a process about its rank and its peers
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for a command whose ranks Lightning starts on this machine: every SLURM and
+    rank setting removed (an salloc shell's SLURM_* would make Lightning wait for srun's ranks; a test's leftover
+    MASTER_ADDR would name another host), a local address and a free port."""
+    env = dict(os.environ if env is None else env)
+    out = {k: v for k, v in env.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    return {**out, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}

@@ -252,7 +252,8 @@ def run_eval(module, cfg: DictConfig, out_dir: str | Path, checkpoint: str | Non
         "bank": None if bank is None else {"dir": str(bank.path), **bank.stats, "computed_per_rank": bank_computed},
         "vision_cache": vision_cached,  # images served from memory / disk, encoded, evicted; MB held (this rank)
         "processes": ranks.world,  # batches dealt to this many ranks; the numbers are those of one process
-        "seconds": seconds, "queries_run": sum(r.num_queries for r in results if r.status == "ok" or r.predictions),
+        # the trials' wall time and the queries of the trials that ran (eval_scaling's throughput)
+        "seconds": seconds, "queries_run": sum(r.num_queries for r in results if r.predictions is not None),
         "trials": as_dicts(results), "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),
     }

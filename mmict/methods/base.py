@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -145,6 +146,18 @@ class FrozenBackboneModule(L.LightningModule):
         check_checkpoint_backbone(checkpoint, self.backbone)
         # The config it trained with: a resumed fit puts this run's optimisation settings over it (on_train_start).
         self._checkpoint_config = (checkpoint.get("hyper_parameters") or {}).get("config")
+
+    def restore(self, checkpoint: dict[str, Any] | str | Path) -> dict[str, Any]:
+        """A run's trained weights outside a fit (evaluation of a checkpoint, of a run trained to its end, after FSDP):
+        the backbone checked first (a clear error, not a shape mismatch), the weights loaded, then the module's own
+        checkpoint hook as Lightning calls it when it restores (AIM: the shots it was trained on; MMICT: a warning
+        when its query-text setting differs). Returns the checkpoint."""
+        if not isinstance(checkpoint, dict):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        check_checkpoint_backbone(checkpoint, self.backbone)
+        self.load_state_dict(checkpoint["state_dict"])
+        self.on_load_checkpoint(checkpoint)
+        return checkpoint
 
     # ---- a resume with other optimisation settings (mmict/optim.py) ---------------------------------------------
     def on_fit_start(self) -> None:

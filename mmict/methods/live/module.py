@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from data_modules.shots import shots_label
 from mmict.backbones import Backbone
 from mmict.backbones.assembly import IGNORE_INDEX
 from mmict.backbones.steering import SITES, ResidualSteering
@@ -94,15 +95,8 @@ class LIVEModule(FrozenBackboneModule):
 
     # ---- how evaluation names the rows --------------------------------------------------------------
     @property
-    def teacher_shots(self) -> str:
-        data = self.cfg.data
-        if data.shots is not None:
-            return str(data.shots)
-        return f"{data.min_shots}-{data.max_shots}" if data.min_shots != data.max_shots else str(data.max_shots)
-
-    @property
     def mode_labels(self) -> dict[str, str]:  # type: ignore[override]
-        return {"none": f"LIVE (no demos at eval, {self.teacher_shots}-shot teacher)",
+        return {"none": f"LIVE (no demos at eval, {shots_label(self.cfg.data)}-shot teacher)",
                 "images": "vanilla ICL (images+text; LIVE's vectors off)",
                 "text": "text-only demos (LIVE's vectors off)"}
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from data_modules.shots import shots_label
 from mmict.backbones import Backbone
 from mmict.backbones.head_shift import HeadShift, head_sites, recorded_outputs
 from mmict.batch import EpisodeBatch
@@ -53,12 +54,11 @@ class MimICModule(FrozenBackboneModule):
         # Attached for the module's life: training's student, evaluation's generate and likelihoods all run shifted;
         # the teacher pass suspends it.
         self.head_shift = HeadShift(self.sites, self.shift, causal=bool(m.causal_normaliser)).attach()
+        self._parts: dict[str, torch.Tensor] = {}
 
     @property
     def mode_labels(self) -> dict[str, str]:  # type: ignore[override]
-        d = self.cfg.data
-        shots = d.shots if d.shots is not None else f"{d.min_shots}-{d.max_shots}"
-        return {"none": f"MimIC (no demos at eval, {shots}-shot teacher)",
+        return {"none": f"MimIC (no demos at eval, {shots_label(self.cfg.data)}-shot teacher)",
                 "images": "vanilla ICL (images+text; MimIC's shifts off)",
                 "text": "text-only demos (MimIC's shifts off)"}
 
@@ -76,6 +76,7 @@ class MimICModule(FrozenBackboneModule):
     def loss(self, batch: EpisodeBatch, demo_mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the weighted MimIC loss, context tokens per query of the student's prompt)."""
         parts, ctx = self.losses(batch)
+        self._parts = parts  # its terms, logged by training_step
         return parts["loss"], ctx
 
     def losses(self, batch: EpisodeBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -96,14 +97,11 @@ class MimICModule(FrozenBackboneModule):
             student.context_tokens.float()
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
-        parts, ctx = self.losses(batch)
+        loss = super().training_step(batch, batch_idx)  # the loss, context tokens and shots, as every method logs them
         bs = len(batch)
-        self.log("train/loss", parts["loss"], prog_bar=True, batch_size=bs)
-        self.log("train/ce_loss", parts["ce_loss"], batch_size=bs)
-        self.log("train/align_loss", parts["align_loss"], batch_size=bs)
-        self.log("train/context_tokens", ctx.mean(), batch_size=bs)
-        self.log("train/shots", float(sum(batch.demo_counts)) / bs, batch_size=bs)
-        return parts["loss"]
+        self.log("train/ce_loss", self._parts["ce_loss"], batch_size=bs)
+        self.log("train/align_loss", self._parts["align_loss"], batch_size=bs)
+        return loss
 
 
 def query_tails(prompts: list[Prompt], assembled) -> list[tuple[int, int]]:

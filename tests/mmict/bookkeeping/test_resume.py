@@ -13,7 +13,7 @@ import torch
 
 import mmict.train as train_module
 from mmict.bookkeeping.lock import RunLockedError
-from mmict.bookkeeping.resume import FINISHED, Resume, find_resume, loadable_checkpoint, missed_validation
+from mmict.bookkeeping.resume import FINISHED, Resume, find_resume, missed_validation, newest_step
 from mmict.config import ConfigError, load_config, save_config
 from mmict.plots import read_metric
 from mmict.train import train, wandb_id
@@ -82,7 +82,7 @@ def test_resume_choices(tmp_path, caplog):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"truncated by a kill")
     with caplog.at_level("WARNING"):
-        assert loadable_checkpoint(run) is None
+        assert newest_step(run) is None
     assert "does not load" in caplog.text
     cfg = load_config("toy_aim", [f"run_root={tmp_path / 'runs'}", "name=x", f"resume={run}"])
     with pytest.raises(ConfigError, match="no loadable checkpoint"):

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import webdataset as wds
 from helpers import REPO, tiny_aim_cfg
 from PIL import Image as PILImage
 
-from mmict.eval.ranks import Ranks
+from mmict.eval.ranks import Ranks, local_launch_env
 
 WORDS = ["red", "blue", "green", "circle", "square", "left"]
 
@@ -44,12 +43,6 @@ def _shard(path, n: int, prefix: str, rng: random.Random) -> None:
             sink.write({"__key__": f"{prefix}{i:04d}", "png": buf.getvalue(), "json": json.dumps(meta).encode()})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -62,10 +55,7 @@ def _evaluate(ckpt, bank_dir, processes: int) -> tuple[dict, str]:
     """`python -m mmict.eval CKPT` with `processes` CPU processes, one thread each (as every rank of the 2-process
     run: equal threads keep float sums in the same order); its results.json and output."""
     # no rank, cluster or address settings of the process running the tests: Lightning launches the ranks itself
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (
-        "RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WANDB_MODE="disabled",
-               PYTHONPATH=str(REPO))
+    env = {**local_launch_env(), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "mmict.eval", str(ckpt), "trainer.accelerator=cpu", f"trainer.devices={processes}",
            f"eval.bank.dir={bank_dir}"]
     log = ckpt.parent.parent / f"eval_{processes}.log"

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from PIL import Image
 
 from callbacks.rank_trace import ENV
 from mmict.config import load_config
+from mmict.eval.ranks import local_launch_env
 from mmict.train import train
 
 pytestmark = pytest.mark.slow
@@ -69,12 +69,6 @@ def _write_corpus(folder: Path, split: str, docs: int, offset: int) -> None:
                    "image_info": [{"matched_text_index": i, "image_base64": _png(c, s)} for i, (c, s) in
                                   enumerate(pairs)]}
             sink.write({"__key__": f"doc{n:04d}", "json": json.dumps(doc).encode()})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_task(root: Path, queries: int = 6, pool: int = 6) -> None:
@@ -111,10 +105,8 @@ def _overrides(root: Path, backbone: Path, run_root: Path, *, devices: int) -> l
 
 def _start(overrides: list[str], trace: Path, log: Path) -> subprocess.Popen:
     # no rank or SLURM settings of the process running the tests: Lightning must launch the second rank itself
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")
-           and k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MMICT_RANK_ZERO_RUN")}
-    env.update(WANDB_MODE="disabled", MMICT_RANK_TRACE=str(trace), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in local_launch_env().items() if k != "MMICT_RANK_ZERO_RUN"}
+    env.update(WANDB_MODE="disabled", MMICT_RANK_TRACE=str(trace), PYTHONUNBUFFERED="1")
     # its own process group: a kill takes the rank Lightning started too
     return subprocess.Popen([sys.executable, "-m", "mmict.cli", "train", "toy_aim", *overrides], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
